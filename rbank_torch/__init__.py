@@ -1,0 +1,79 @@
+"""rbank_torch: a tensor-native memory of reasoning patterns for LLM agents.
+
+Trajectories in, searchable reasoning patterns out; failure analysis, EWC++ consolidation and
+distillation of key lessons, all on PyTorch tensors (CPU or CUDA).
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+__version__ = "0.1.0"
+
+# name -> module: resolved lazily so `import rbank_torch` stays light (no heavy optional imports)
+_EXPORTS = {
+    # trajectories
+    "StepOutcome": "trajectory",
+    "StepOutcomeKind": "trajectory",
+    "StepMetadata": "trajectory",
+    "TrajectoryStep": "trajectory",
+    "TrajectoryMetadata": "trajectory",
+    "Trajectory": "trajectory",
+    "TrajectoryRecorder": "trajectory",
+    # verdicts
+    "Verdict": "verdicts",
+    "VerdictKind": "verdicts",
+    "RootCause": "verdicts",
+    "ReasoningErrorType": "verdicts",
+    "VerdictAnalyzer": "verdicts",
+    "VerdictAnalysis": "verdicts",
+    "FailurePattern": "verdicts",
+    "RecoveryStrategy": "verdicts",
+    # patterns and store
+    "PatternCategory": "patterns",
+    "Pattern": "patterns",
+    "PatternMetadata": "patterns",
+    "PatternSearchResult": "patterns",
+    "PatternStoreConfig": "store",
+    "PatternStore": "store",
+    "PatternStats": "store",
+    "LowConfidenceError": "store",
+    # consolidation
+    "ConsolidationConfig": "consolidation",
+    "ConsolidationResult": "consolidation",
+    "FisherInformation": "consolidation",
+    "ImportanceScore": "consolidation",
+    "PatternConsolidator": "consolidation",
+    "cluster_patterns": "consolidation",
+    # EWC++
+    "EWCPlusPlus": "ewc",
+    # distillation
+    "DistillationConfig": "distillation",
+    "CompressedTrajectory": "distillation",
+    "KeyLesson": "distillation",
+    "DistillationResult": "distillation",
+    "TrajectorySummary": "distillation",
+    "MemoryDistiller": "distillation",
+    # bank
+    "ReasoningBankConfig": "bank",
+    "ReasoningBankStats": "bank",
+    "ReasoningBank": "bank",
+    # snapshots
+    "SnapshotError": "snapshot",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'rbank_torch' has no attribute {name!r}")
+    value = getattr(import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

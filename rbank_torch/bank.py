@@ -1,0 +1,534 @@
+"""ReasoningBank (SPEC §6): trajectories in, patterns out, consolidation, distillation, snapshots."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid as _uuid
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ._util import as_embedding, bump_id_counter, check_unit, dt_to_us, us_to_dt, utcnow
+from .consolidation import ConsolidationConfig
+from .patterns import Pattern, PatternCategory, PatternSearchResult
+from .store import LowConfidenceError, PatternStats, PatternStore, PatternStoreConfig
+from .trajectory import (
+    StepMetadata,
+    StepOutcome,
+    Trajectory,
+    TrajectoryMetadata,
+    TrajectoryRecorder,
+    TrajectoryStep,
+)
+from .verdicts import Verdict, VerdictAnalysis, VerdictAnalyzer, VerdictKind
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .consolidation import ConsolidationResult
+    from .distillation import DistillationConfig, DistillationResult
+
+__all__ = ["ReasoningBankConfig", "ReasoningBankStats", "ReasoningBank"]
+
+log = logging.getLogger("rbank_torch")
+
+_BANK_FORMAT = "rbank_torch.bank"
+
+
+def _default_distillation_config() -> DistillationConfig:
+    from .distillation import DistillationConfig
+
+    return DistillationConfig()
+
+
+@dataclass
+class ReasoningBankConfig:
+    """Configuration of a :class:`ReasoningBank` (defaults of SPEC §6).
+
+    The bank's ``embedding_dim`` (and HNSW parameters, device, dtype) govern: they are written into
+    ``pattern_config``.
+    """
+
+    storage_path: str = ".rbank"
+    embedding_dim: int = 768
+    ef_construction: int = 200
+    ef_search: int = 100
+    m: int = 32
+    #: kept trajectories beyond which the bank distils automatically
+    max_trajectories: int = 100_000
+    #: trajectories of at least this quality become patterns
+    min_quality_threshold: float = 0.3
+    consolidation_interval_secs: int = 3600
+    auto_consolidate: bool = True
+    pattern_config: PatternStoreConfig = field(default_factory=PatternStoreConfig)
+    consolidation_config: ConsolidationConfig = field(default_factory=ConsolidationConfig)
+    distillation_config: DistillationConfig = field(default_factory=_default_distillation_config)
+    #: device of the pattern columns ("cpu", "cuda", …)
+    device: str = "cpu"
+
+    def resolved_pattern_config(self) -> PatternStoreConfig:
+        pc = PatternStoreConfig(**asdict(self.pattern_config))
+        pc.embedding_dim = self.embedding_dim
+        pc.ef_construction = self.ef_construction
+        pc.ef_search = self.ef_search
+        pc.m = self.m
+        pc.device = self.device
+        return pc
+
+    def validate(self) -> None:
+        for name in ("embedding_dim", "max_trajectories", "ef_construction", "ef_search", "m"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        check_unit(self.min_quality_threshold, "min_quality_threshold")
+        if self.consolidation_interval_secs < 0:
+            raise ValueError("consolidation_interval_secs must be >= 0")
+        self.resolved_pattern_config().validate()
+        self.consolidation_config.validate()
+        if hasattr(self.distillation_config, "validate"):
+            self.distillation_config.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["pattern_config"] = asdict(self.pattern_config)
+        d["consolidation_config"] = asdict(self.consolidation_config)
+        d["distillation_config"] = asdict(self.distillation_config)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ReasoningBankConfig:
+        from .distillation import DistillationConfig
+
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown ReasoningBankConfig fields: {sorted(unknown)}")
+        d = dict(d)
+        d["pattern_config"] = PatternStoreConfig.from_dict(d.get("pattern_config", {}))
+        d["consolidation_config"] = ConsolidationConfig.from_dict(d.get("consolidation_config", {}))
+        dk = {f.name for f in fields(DistillationConfig)}
+        d["distillation_config"] = DistillationConfig(
+            **{k: v for k, v in d.get("distillation_config", {}).items() if k in dk}
+        )
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+
+@dataclass
+class ReasoningBankStats:
+    total_trajectories: int = 0
+    total_patterns: int = 0
+    success_count: int = 0
+    failure_count: int = 0
+    recovered_count: int = 0
+    consolidation_count: int = 0
+    distillation_count: int = 0
+    avg_quality: float = 0.0
+    last_consolidation: datetime | None = None
+    last_distillation: datetime | None = None
+    #: automatic distillations that could not run (the trajectories were kept; retried at the next store)
+    distillation_errors: int = 0
+
+
+class ReasoningBank:
+    """A memory of reasoning patterns learned from agent trajectories.
+
+    Example:
+        >>> bank = ReasoningBank(ReasoningBankConfig(embedding_dim=8))
+        >>> rec = bank.start_trajectory(torch.randn(8))
+        >>> rec.add_step("search docs", "need context", StepOutcome.success(), 0.9)
+        >>> bank.store_trajectory(rec.complete(Verdict.success()))
+        >>> bank.search_similar(torch.randn(8), k=3)[0].similarity  # doctest: +SKIP
+    """
+
+    def __init__(self, config: ReasoningBankConfig | None = None) -> None:
+        cfg = config if config is not None else ReasoningBankConfig()
+        cfg.validate()
+        self._config = cfg
+        self._store = PatternStore(cfg.resolved_pattern_config())
+        self._analyzer = VerdictAnalyzer()
+        self._trajectories: list[Trajectory] = []
+        self._stats = ReasoningBankStats()
+        self._lock = threading.RLock()
+        self._consolidator: Any = None
+        self._distiller: Any = None
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def config(self) -> ReasoningBankConfig:
+        return self._config
+
+    @property
+    def store(self) -> PatternStore:
+        """The underlying :class:`PatternStore`."""
+        return self._store
+
+    @property
+    def analyzer(self) -> VerdictAnalyzer:
+        return self._analyzer
+
+    @property
+    def trajectories(self) -> list[Trajectory]:
+        """The kept trajectories (a new list; the trajectories themselves are shared)."""
+        with self._lock:
+            return list(self._trajectories)
+
+    def _get_distiller(self):
+        if self._distiller is None:
+            from .distillation import MemoryDistiller
+
+            self._distiller = MemoryDistiller(self._config.distillation_config)
+        return self._distiller
+
+    def _get_consolidator(self):
+        if self._consolidator is None:
+            try:
+                from .consolidation import PatternConsolidator
+            except ImportError as e:
+                raise NotImplementedError(
+                    "consolidate() needs rbank_torch.consolidation.PatternConsolidator, which is not available"
+                ) from e
+            self._consolidator = PatternConsolidator(self._config.consolidation_config)
+        return self._consolidator
+
+    # ------------------------------------------------------------------ trajectories
+    def start_trajectory(self, query_embedding: Any) -> TrajectoryRecorder:
+        """A recorder for a new trajectory; the embedding must have the bank's dimension."""
+        emb = as_embedding(query_embedding, "query_embedding", dim=self._config.embedding_dim)
+        return TrajectoryRecorder(emb)
+
+    def _validate_trajectory(self, t: Trajectory) -> None:
+        if not isinstance(t, Trajectory):
+            raise ValueError(f"trajectory must be a Trajectory, got {type(t).__name__}")
+        t.query_embedding = as_embedding(t.query_embedding, "query_embedding", dim=self._config.embedding_dim)
+        check_unit(t.quality, "quality")
+        if not isinstance(t.verdict, Verdict):
+            raise ValueError("verdict must be a Verdict")
+
+    def store_trajectory(self, trajectory: Trajectory) -> None:
+        """Record a completed trajectory: stats, keep it, distil past ``max_trajectories``, and store its
+        pattern when its quality reaches ``min_quality_threshold``.
+
+        Raises:
+            ValueError: a wrong embedding dimension, non-finite values or an out-of-range quality; the bank
+                is unchanged.
+        """
+        t = trajectory
+        self._validate_trajectory(t)
+        pattern = Pattern.from_trajectory(t) if t.quality >= self._config.min_quality_threshold else None
+        with self._lock:
+            s = self._stats
+            s.total_trajectories += 1
+            if t.verdict.kind is VerdictKind.SUCCESS:
+                s.success_count += 1
+            elif t.verdict.kind is VerdictKind.FAILURE:
+                s.failure_count += 1
+            elif t.verdict.kind is VerdictKind.RECOVERED:
+                s.recovered_count += 1
+            s.avg_quality += (t.quality - s.avg_quality) / s.total_trajectories
+            self._trajectories.append(t)
+            if len(self._trajectories) > self._config.max_trajectories:
+                try:
+                    self.distill()
+                except Exception as e:  # noqa: BLE001 - the trajectory stays stored; retried next time
+                    s.distillation_errors += 1
+                    log.warning("automatic distillation failed (%s); trajectories kept, retrying later", e)
+            if pattern is not None:
+                try:
+                    self._store.store_pattern(pattern)
+                except LowConfidenceError:
+                    pass  # below the store's own min_confidence: the trajectory is kept, no pattern
+
+    # ------------------------------------------------------------------ patterns
+    def search_similar(self, query_embedding: Any, k: int) -> list[PatternSearchResult]:
+        """The ``k`` patterns most similar to the query ``[D]``, best first."""
+        return self._store.search_similar(query_embedding, k)
+
+    def search_similar_batch(self, queries: Any, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batched search: queries ``[B, D]`` → (similarities ``[B, k]``, ids ``[B, k]``)."""
+        return self._store.search_similar_batch(queries, k)
+
+    def search_by_category(self, category: PatternCategory | str, limit: int) -> list[Pattern]:
+        return self._store.get_by_category(category, limit)
+
+    def analyze_verdict(self, trajectory: Trajectory) -> VerdictAnalysis:
+        return self._analyzer.analyze(trajectory)
+
+    def record_usage(self, pattern_id: int, successful: bool, quality: float) -> bool:
+        return self._store.record_usage(pattern_id, successful, quality)
+
+    def prune_low_quality(self, min_quality: float) -> int:
+        return self._store.prune_low_quality(min_quality)
+
+    def merge_similar_patterns(self, similarity_threshold: float) -> int:
+        return self._store.merge_similar(similarity_threshold)
+
+    def export_patterns(self) -> list[Pattern]:
+        return self._store.get_all_patterns()
+
+    def import_patterns(self, patterns: list[Pattern]) -> int:
+        """Store every valid pattern (invalid ones are skipped); returns how many were imported."""
+        imported = 0
+        for p in patterns:
+            try:
+                self._store.store_pattern(p)
+            except ValueError as e:
+                log.debug("import_patterns: skipped pattern %s (%s)", getattr(p, "id", "?"), e)
+                continue
+            imported += 1
+        return imported
+
+    def pattern_stats(self) -> PatternStats:
+        return self._store.stats()
+
+    def stats(self) -> ReasoningBankStats:
+        with self._lock:
+            s = ReasoningBankStats(**asdict(self._stats))
+        s.total_patterns = len(self._store)
+        return s
+
+    # ------------------------------------------------------------------ consolidation / distillation
+    def consolidate(self) -> ConsolidationResult:
+        """Run the consolidator over all patterns: fold merged patterns into their leaders, drop pruned ones."""
+        with self._lock:
+            cons = self._get_consolidator()
+            result = cons.consolidate_store(self._store)
+            self._stats.consolidation_count += 1
+            self._stats.last_consolidation = utcnow()
+            return result
+
+    def distill(self) -> DistillationResult:
+        """Distil all kept trajectories: keep their compressed forms (no steps) and store each key lesson
+        as a pattern. If distillation fails, it raises and every kept trajectory stays in place."""
+        with self._lock:
+            distiller = self._get_distiller()
+            kept = list(self._trajectories)
+            result = distiller.extract_key_lessons(kept)  # raises → nothing changed
+            minimal = [Trajectory.from_compressed(c) for c in result.compressed_trajectories]
+            lessons = []
+            for lesson in result.key_lessons:
+                p = Pattern.from_lesson(lesson)
+                if p.confidence >= self._store.config.min_confidence:
+                    lessons.append(p)
+            if lessons:
+                self._store.store_patterns(lessons)
+            self._trajectories = minimal
+            self._stats.distillation_count += 1
+            self._stats.last_distillation = utcnow()
+            return result
+
+    # ------------------------------------------------------------------ snapshots
+    def save(self, path: str | None = None) -> None:
+        """Write the whole bank (patterns, kept trajectories, Fisher information, stats, configs) to one
+        safetensors file, atomically. Defaults to ``<storage_path>/bank.safetensors``."""
+        from .snapshot import write_snapshot
+
+        path = path or _default_path(self._config.storage_path)
+        with self._lock:
+            tensors, store_meta = self._store.state_tensors("patterns/")
+            traj_tensors, traj_meta = _trajectories_to_tensors(self._trajectories)
+            tensors.update(traj_tensors)
+            extra_t: dict[str, torch.Tensor] = {}
+            cons_meta: dict[str, Any] | None = None
+            if self._consolidator is not None and hasattr(self._consolidator, "state_tensors"):
+                extra_t, cons_meta = self._consolidator.state_tensors("consolidator/")
+            tensors.update(extra_t)
+            meta = {
+                "config": self._config.to_dict(),
+                "stats": _stats_to_json(self._stats),
+                "store": store_meta,
+                "trajectories": traj_meta,
+                "consolidator": cons_meta,
+                "analyses_performed": self._analyzer.stats().analyses_performed,
+            }
+            write_snapshot(path, _BANK_FORMAT, tensors, meta)
+
+    @classmethod
+    def load(cls, path: str, **pattern_overrides: Any) -> ReasoningBank:
+        """Load a bank written by :meth:`save`. Raises :class:`~rbank_torch.snapshot.SnapshotError` for a
+        missing, corrupt, foreign or incompatible file; never executes code from it."""
+        from .snapshot import SnapshotError, read_snapshot
+
+        tensors, meta = read_snapshot(path, _BANK_FORMAT)
+        try:
+            cfg = ReasoningBankConfig.from_dict(meta["config"])
+            if "device" in pattern_overrides:
+                cfg.device = pattern_overrides["device"]
+            bank = cls(cfg)
+            bank._store = PatternStore.from_state_tensors(
+                tensors, meta["store"], prefix="patterns/", device=cfg.device
+            )
+            bank._trajectories = _trajectories_from_tensors(tensors, meta["trajectories"])
+            bank._stats = _stats_from_json(meta["stats"])
+            bank._analyzer._analyses = int(meta.get("analyses_performed", 0))
+            if meta.get("consolidator") is not None:
+                cons = bank._get_consolidator()
+                cons.load_state_tensors(tensors, meta["consolidator"], "consolidator/")
+        except SnapshotError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+            raise SnapshotError(f"{path}: corrupt or incompatible bank snapshot ({type(e).__name__}: {e})") from None
+        return bank
+
+
+def _default_path(storage_path: str) -> str:
+    import os
+
+    return os.path.join(storage_path, "bank.safetensors")
+
+
+def _stats_to_json(s: ReasoningBankStats) -> dict[str, Any]:
+    d = asdict(s)
+    for k in ("last_consolidation", "last_distillation"):
+        d[k] = None if d[k] is None else dt_to_us(d[k])
+    return d
+
+
+def _stats_from_json(d: dict[str, Any]) -> ReasoningBankStats:
+    d = dict(d)
+    for k in ("last_consolidation", "last_distillation"):
+        d[k] = None if d.get(k) is None else us_to_dt(int(d[k]))
+    known = {f.name for f in fields(ReasoningBankStats)}
+    return ReasoningBankStats(**{k: v for k, v in d.items() if k in known})
+
+
+# ---------------------------------------------------------------------- trajectory (de)serialisation
+def _flat(vectors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate 1-D float32 tensors; offsets ``[n + 1]``."""
+    offs = torch.zeros(len(vectors) + 1, dtype=torch.int64)
+    if vectors:
+        offs[1:] = torch.cumsum(torch.tensor([v.numel() for v in vectors]), 0)
+        data = torch.cat([v.detach().to("cpu", torch.float32).flatten() for v in vectors])
+    else:
+        data = torch.zeros(0, dtype=torch.float32)
+    return data, offs
+
+
+def _unflat(data: torch.Tensor, offs: torch.Tensor, what: str) -> list[torch.Tensor]:
+    from .snapshot import SnapshotError
+
+    if data.dtype != torch.float32 or offs.dtype != torch.int64 or data.dim() != 1 or offs.dim() != 1:
+        raise SnapshotError(f"corrupt snapshot: bad dtype/shape for {what}")
+    o = offs.tolist()
+    if not o or o[0] != 0 or o[-1] != data.numel() or any(b < a for a, b in zip(o, o[1:])):
+        raise SnapshotError(f"corrupt snapshot: inconsistent offsets for {what}")
+    return [data[a:b].clone() for a, b in zip(o, o[1:])]
+
+
+def _step_to_json(s: TrajectoryStep, ctx: list[torch.Tensor]) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "i": s.index,
+        "a": s.action,
+        "r": s.rationale,
+        "o": s.outcome.to_dict(),
+        "c": s.confidence,
+        "l": s.latency_ms,
+        "ts": dt_to_us(s.timestamp),
+    }
+    if s.context_embedding is not None:
+        d["ctx"] = len(ctx)
+        ctx.append(s.context_embedding)
+    if s.metadata is not None:
+        d["m"] = asdict(s.metadata)
+    return d
+
+
+def _trajectories_to_tensors(ts: list[Trajectory]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from .snapshot import encode_strings
+
+    queries = [t.query_embedding for t in ts]
+    resp: list[torch.Tensor] = []
+    ctx: list[torch.Tensor] = []
+    docs = []
+    for t in ts:
+        d: dict[str, Any] = {
+            "id": t.id,
+            "uuid": t.uuid,
+            "v": t.verdict.to_dict(),
+            "q": t.quality,
+            "lat": t.total_latency_ms,
+            "st": dt_to_us(t.started_at),
+            "ct": None if t.completed_at is None else dt_to_us(t.completed_at),
+            "m": asdict(t.metadata),
+            "les": list(t.lessons),
+            "steps": [_step_to_json(s, ctx) for s in t.steps],
+        }
+        if t.response_embedding is not None:
+            d["resp"] = len(resp)
+            resp.append(t.response_embedding)
+        docs.append(d)
+    q_data, q_offs = _flat(queries)
+    r_data, r_offs = _flat(resp)
+    c_data, c_offs = _flat(ctx)
+    j_data, j_offs = encode_strings([json.dumps(docs, ensure_ascii=False, allow_nan=False)])
+    tensors = {
+        "traj/query": q_data,
+        "traj/query_offsets": q_offs,
+        "traj/response": r_data,
+        "traj/response_offsets": r_offs,
+        "traj/context": c_data,
+        "traj/context_offsets": c_offs,
+        "traj/json": j_data,
+    }
+    return tensors, {"count": len(ts)}
+
+
+def _trajectories_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> list[Trajectory]:
+    from .snapshot import SnapshotError
+
+    def get(name: str) -> torch.Tensor:
+        if name not in tensors:
+            raise SnapshotError(f"corrupt snapshot: missing tensor {name!r}")
+        return tensors[name]
+
+    queries = _unflat(get("traj/query"), get("traj/query_offsets"), "trajectory queries")
+    resp = _unflat(get("traj/response"), get("traj/response_offsets"), "response embeddings")
+    ctx = _unflat(get("traj/context"), get("traj/context_offsets"), "context embeddings")
+    raw = get("traj/json")
+    if raw.dtype != torch.uint8:
+        raise SnapshotError("corrupt snapshot: trajectory table has the wrong dtype")
+    try:
+        docs = json.loads(raw.numpy().tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SnapshotError(f"corrupt snapshot: trajectory table ({e})") from None
+    if not isinstance(docs, list) or len(docs) != len(queries) or len(docs) != int(meta.get("count", -1)):
+        raise SnapshotError("corrupt snapshot: trajectory count mismatch")
+    out = []
+    max_id = 0
+    for d, q in zip(docs, queries):
+        steps = []
+        for sd in d["steps"]:
+            steps.append(
+                TrajectoryStep(
+                    index=int(sd["i"]),
+                    action=sd["a"],
+                    rationale=sd["r"],
+                    outcome=StepOutcome.from_dict(sd["o"]),
+                    confidence=sd["c"],
+                    latency_ms=int(sd["l"]),
+                    timestamp=us_to_dt(sd["ts"]),
+                    context_embedding=ctx[sd["ctx"]] if "ctx" in sd else None,
+                    metadata=StepMetadata(**sd["m"]) if "m" in sd else None,
+                )
+            )
+        t = Trajectory(
+            id=int(d["id"]),
+            uuid=str(d.get("uuid") or _uuid.uuid4()),
+            query_embedding=q,
+            response_embedding=resp[d["resp"]] if "resp" in d else None,
+            steps=steps,
+            verdict=Verdict.from_dict(d["v"]),
+            quality=float(d["q"]),
+            total_latency_ms=int(d["lat"]),
+            started_at=us_to_dt(d["st"]),
+            completed_at=None if d["ct"] is None else us_to_dt(d["ct"]),
+            metadata=TrajectoryMetadata(**d["m"]),
+            lessons=[str(x) for x in d["les"]],
+        )
+        max_id = max(max_id, t.id)
+        out.append(t)
+    bump_id_counter(max_id)
+    return out

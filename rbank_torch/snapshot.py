@@ -1,0 +1,219 @@
+"""Safetensors snapshots: atomic writes, a format version, checksums, strict validation on load.
+
+A snapshot is one ``.safetensors`` file. Its header metadata holds:
+
+- ``rbank.format``: what the file holds (``"rbank_torch.bank"``, ``"rbank_torch.store"``, …),
+- ``rbank.version``: the format version (an integer; files of a newer version are refused),
+- ``rbank.meta``: a JSON document (configs, stats, string tables),
+- ``rbank.crc32``: JSON ``{tensor name: crc32 of its bytes}`` plus ``"@meta"`` for the JSON document.
+
+Nothing on the load path unpickles or executes anything from the file: the header is parsed by
+safetensors (JSON), tensors are raw little-endian buffers, strings are UTF-8.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "SnapshotError",
+    "FORMAT_VERSION",
+    "write_snapshot",
+    "read_snapshot",
+    "encode_strings",
+    "decode_strings",
+    "atomic_write_bytes",
+]
+
+#: current on-disk format version (bumped on incompatible changes)
+FORMAT_VERSION = 1
+
+#: header larger than this is refused before parsing (bounded memory on hostile files)
+MAX_HEADER_BYTES = 256 * 1024 * 1024
+
+
+class SnapshotError(ValueError):
+    """A snapshot file is missing, corrupt, foreign or of an incompatible version."""
+
+
+def _crc(t: torch.Tensor) -> int:
+    a = t.detach().cpu().contiguous()
+    if a.numel() == 0:
+        return 0
+    return zlib.crc32(a.view(torch.uint8).numpy().data if a.dtype != torch.uint8 else a.numpy().data)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data_writer) -> None:
+    """Write a file atomically: temp file in the same folder, fsync, ``os.replace``, fsync the folder.
+
+    ``data_writer(fileobj)`` writes the content. On any error the destination is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            data_writer(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_snapshot(path: str | os.PathLike, fmt: str, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+    """Write ``tensors`` and the JSON-able ``meta`` as a safetensors snapshot, atomically."""
+    from safetensors.torch import save
+
+    cpu: dict[str, torch.Tensor] = {}
+    for k, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"snapshot entry {k!r} is not a tensor")
+        cpu[k] = t.detach().cpu().contiguous()
+    meta_json = json.dumps(meta, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    crcs = {k: _crc(t) for k, t in cpu.items()}
+    crcs["@meta"] = zlib.crc32(meta_json.encode("utf-8"))
+    header = {
+        "rbank.format": fmt,
+        "rbank.version": str(FORMAT_VERSION),
+        "rbank.meta": meta_json,
+        "rbank.crc32": json.dumps(crcs, separators=(",", ":")),
+    }
+    blob = save(cpu, metadata=header)
+    atomic_write_bytes(path, lambda f: f.write(blob))
+
+
+def _check_header(path: Path) -> None:
+    size = path.stat().st_size
+    if size < 8:
+        raise SnapshotError(f"{path}: not a snapshot (file of {size} bytes is too short)")
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n <= 0 or n > MAX_HEADER_BYTES or n + 8 > size:
+            raise SnapshotError(f"{path}: corrupt or truncated snapshot (header length {n}, file size {size})")
+        first = f.read(1)
+        if first != b"{":
+            raise SnapshotError(f"{path}: not a safetensors snapshot (header does not start with '{{')")
+
+
+def read_snapshot(path: str | os.PathLike, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read and validate a snapshot written by :func:`write_snapshot`.
+
+    Returns:
+        (tensors on CPU, the meta document).
+
+    Raises:
+        SnapshotError: missing file, truncated or corrupt data (checksum mismatch), foreign file,
+            another format than ``fmt``, or a newer format version.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise SnapshotError(f"{path}: no such snapshot file")
+    _check_header(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            got_fmt = header.get("rbank.format")
+            if got_fmt is None:
+                raise SnapshotError(f"{path}: not an rbank_torch snapshot (no 'rbank.format' in its header)")
+            if got_fmt != fmt:
+                raise SnapshotError(f"{path}: holds {got_fmt!r}, expected {fmt!r}")
+            try:
+                version = int(header.get("rbank.version", ""))
+            except ValueError:
+                raise SnapshotError(f"{path}: bad format version {header.get('rbank.version')!r}") from None
+            if version > FORMAT_VERSION or version < 1:
+                raise SnapshotError(
+                    f"{path}: format version {version} is not supported (this library reads <= {FORMAT_VERSION})"
+                )
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except SnapshotError:
+        raise
+    except (SafetensorError, ValueError, RuntimeError, OSError, UnicodeDecodeError, TypeError) as e:
+        raise SnapshotError(f"{path}: corrupt or truncated snapshot ({e})") from None
+    meta_json = header.get("rbank.meta", "")
+    try:
+        crcs = json.loads(header.get("rbank.crc32", ""))
+    except json.JSONDecodeError:
+        raise SnapshotError(f"{path}: corrupt checksum table") from None
+    if not isinstance(crcs, dict) or crcs.get("@meta") != zlib.crc32(meta_json.encode("utf-8")):
+        raise SnapshotError(f"{path}: corrupt snapshot (metadata checksum mismatch)")
+    if set(crcs) - {"@meta"} != set(tensors):
+        raise SnapshotError(f"{path}: corrupt snapshot (tensor set does not match its checksum table)")
+    for k, t in tensors.items():
+        if crcs[k] != _crc(t):
+            raise SnapshotError(f"{path}: corrupt snapshot (checksum mismatch in {k!r})")
+    try:
+        meta = json.loads(meta_json)
+    except json.JSONDecodeError:
+        raise SnapshotError(f"{path}: corrupt metadata document") from None
+    if not isinstance(meta, dict):
+        raise SnapshotError(f"{path}: corrupt metadata document (not an object)")
+    return tensors, meta
+
+
+def encode_strings(items: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """UTF-8 bytes ``[total] uint8`` and offsets ``[n + 1] int64`` for a list of strings."""
+    encoded = [s.encode("utf-8") for s in items]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    if encoded:
+        np.cumsum([len(b) for b in encoded], out=offsets[1:])
+    buf = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
+    return torch.from_numpy(buf), torch.from_numpy(offsets)
+
+
+def decode_strings(data: torch.Tensor, offsets: torch.Tensor, what: str = "strings") -> list[str]:
+    """Inverse of :func:`encode_strings`; raises :class:`SnapshotError` on inconsistent input."""
+    if data.dtype != torch.uint8 or data.dim() != 1 or offsets.dtype != torch.int64 or offsets.dim() != 1:
+        raise SnapshotError(f"corrupt snapshot: bad dtype/shape for {what}")
+    o = offsets.numpy()
+    if len(o) == 0 or o[0] != 0 or o[-1] != data.numel() or (len(o) > 1 and np.any(np.diff(o) < 0)):
+        raise SnapshotError(f"corrupt snapshot: inconsistent offsets for {what}")
+    raw = data.numpy().tobytes()
+    try:
+        return [raw[o[i] : o[i + 1]].decode("utf-8") for i in range(len(o) - 1)]
+    except UnicodeDecodeError:
+        raise SnapshotError(f"corrupt snapshot: invalid UTF-8 in {what}") from None
+
+
+def expect_tensor(
+    tensors: Mapping[str, torch.Tensor], name: str, dtype: torch.dtype, shape: tuple[int | None, ...]
+) -> torch.Tensor:
+    """Fetch ``tensors[name]`` checking dtype and shape (None = any size); raises SnapshotError."""
+    t = tensors.get(name)
+    if t is None:
+        raise SnapshotError(f"corrupt snapshot: missing tensor {name!r}")
+    if t.dtype != dtype:
+        raise SnapshotError(f"corrupt snapshot: {name!r} has dtype {t.dtype}, expected {dtype}")
+    if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+        raise SnapshotError(f"corrupt snapshot: {name!r} has shape {tuple(t.shape)}, expected {shape}")
+    return t

@@ -1,0 +1,987 @@
+"""The columnar pattern store (SPEC §3, DESIGN "PatternStore is columnar").
+
+Embeddings live in one ``[capacity, D]`` tensor on the store's device, every numeric field in its own
+column tensor, strings and lists in a Python side table indexed by row. A :class:`Pattern` is a copy
+built on demand. Deletes clear an alive bit (tombstone); dead rows are compacted away once they pass
+a fraction of the rows. Single inserts are staged and written to the columns in one batch before the
+next read, so ``store_pattern`` stays cheap on any device.
+
+Thread safety: every public method takes the store's re-entrant lock; a store may be shared by threads.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+
+from ._util import as_embedding, as_embedding_batch, check_unit, dt_to_us, us_to_dt, utcnow
+from .importance import importance_scores
+from .patterns import BUILTIN_CATEGORIES, Pattern, PatternCategory, PatternMetadata, PatternSearchResult
+
+__all__ = [
+    "PatternStoreConfig",
+    "PatternStore",
+    "PatternStats",
+    "LowConfidenceError",
+    "DISTANCE_METRICS",
+]
+
+DISTANCE_METRICS = ("cosine", "euclidean", "dot")
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+_NEG_INF = float("-inf")
+
+
+class LowConfidenceError(ValueError):
+    """A pattern's confidence is below the store's ``min_confidence``."""
+
+
+@dataclass
+class PatternStoreConfig:
+    """Configuration of a :class:`PatternStore` (defaults of SPEC §3 plus device/dtype/search options)."""
+
+    #: dimension D of every embedding
+    embedding_dim: int = 768
+    #: HNSW build breadth (used by the approximate backends)
+    ef_construction: int = 200
+    #: HNSW search breadth (used by the approximate backends)
+    ef_search: int = 100
+    #: HNSW graph degree (used by the approximate backends)
+    m: int = 32
+    #: hard cap on live patterns; at capacity the store prunes, then evicts the least important
+    max_patterns: int = 100_000
+    #: "cosine", "euclidean" or "dot"
+    distance_metric: str = "cosine"
+    #: patterns with a lower confidence are refused
+    min_confidence: float = 0.3
+    #: prune stale patterns when at capacity
+    auto_prune: bool = True
+    #: usage below which a pattern may be pruned
+    prune_threshold: int = 2
+    #: seconds unused after which a pattern may be pruned (30 days)
+    max_unused_age_secs: int = 30 * 86_400
+    #: default file for save()/load() when no path is given
+    storage_path: str | None = None
+    #: where the columns live ("cpu", "cuda", "cuda:1", …)
+    device: str = "cpu"
+    #: dtype of the embedding column ("float32", "float16", "bfloat16", "float64")
+    dtype: str = "float32"
+    #: search backend ("exact")
+    backend: str = "exact"
+    #: rows of the embedding matrix scored per GEMM block in exact search (bounds peak memory)
+    search_block_rows: int = 65_536
+    #: compact when dead rows exceed this fraction of the rows
+    compact_dead_fraction: float = 0.25
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first invalid field."""
+        for name in ("embedding_dim", "ef_construction", "ef_search", "m", "max_patterns", "search_block_rows"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.distance_metric not in DISTANCE_METRICS:
+            raise ValueError(f"distance_metric must be one of {DISTANCE_METRICS}, got {self.distance_metric!r}")
+        check_unit(self.min_confidence, "min_confidence")
+        if not isinstance(self.prune_threshold, int) or self.prune_threshold < 0:
+            raise ValueError(f"prune_threshold must be a non-negative integer, got {self.prune_threshold!r}")
+        if not (isinstance(self.max_unused_age_secs, (int, float)) and self.max_unused_age_secs > 0):
+            raise ValueError(f"max_unused_age_secs must be > 0, got {self.max_unused_age_secs!r}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {self.dtype!r}")
+        if self.backend not in ("exact",):
+            raise ValueError(f"backend must be 'exact', got {self.backend!r}")
+        if not 0.0 < float(self.compact_dead_fraction) <= 1.0:
+            raise ValueError(f"compact_dead_fraction must be in (0, 1], got {self.compact_dead_fraction!r}")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device must be a torch device string, got {self.device!r}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PatternStoreConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown PatternStoreConfig fields: {sorted(unknown)}")
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+
+@dataclass
+class PatternStats:
+    total_patterns: int
+    by_category: dict[str, int]
+    avg_confidence: float
+    avg_usage: float
+    total_searches: int
+    avg_search_latency_ms: float
+
+
+class _Side:
+    """Strings and lists of one row."""
+
+    __slots__ = ("uuid", "sources", "lessons", "actions", "tags", "source", "version", "attributes")
+
+    def __init__(self, p: Pattern) -> None:
+        self.uuid = p.uuid
+        self.sources = [int(x) for x in p.source_trajectories]
+        self.lessons = [str(x) for x in p.lessons]
+        self.actions = [str(x) for x in p.example_actions]
+        md = p.metadata
+        self.tags = [str(x) for x in md.tags]
+        self.source = str(md.source)
+        self.version = int(md.version)
+        self.attributes = {str(k): str(v) for k, v in md.attributes.items()}
+
+    def to_json(self) -> list:
+        return [self.uuid, self.sources, self.lessons, self.actions, self.tags, self.source, self.version, self.attributes]
+
+    @classmethod
+    def from_json(cls, j: list) -> _Side:
+        s = cls.__new__(cls)
+        (s.uuid, s.sources, s.lessons, s.actions, s.tags, s.source, s.version, s.attributes) = j
+        return s
+
+
+def _validate_pattern(p: Pattern, dim: int, min_confidence: float) -> Pattern:
+    """Check every field of ``p``; returns a private copy with a validated float32 embedding."""
+    if not isinstance(p, Pattern):
+        raise ValueError(f"pattern must be a Pattern, got {type(p).__name__}")
+    emb = as_embedding(p.embedding, "embedding", dim=dim)
+    conf = check_unit(p.confidence, "confidence")
+    if conf < min_confidence:
+        raise LowConfidenceError(f"confidence {conf} is below min_confidence {min_confidence}")
+    avg_q = check_unit(p.avg_quality, "avg_quality")
+    for name in ("usage_count", "success_count", "id"):
+        v = getattr(p, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
+    if p.success_count > p.usage_count:
+        raise ValueError(f"success_count ({p.success_count}) must not exceed usage_count ({p.usage_count})")
+    if not isinstance(p.category, PatternCategory):
+        PatternCategory.parse(p.category)  # raises ValueError for unknown names
+    for name in ("created_at", "last_accessed"):
+        v = getattr(p, name)
+        if getattr(v, "tzinfo", None) is None:
+            raise ValueError(f"{name} must be a timezone-aware datetime")
+    q = Pattern(
+        id=p.id,
+        uuid=str(p.uuid),
+        embedding=emb,
+        category=PatternCategory.parse(p.category),
+        confidence=conf,
+        usage_count=p.usage_count,
+        success_count=p.success_count,
+        avg_quality=avg_q,
+        source_trajectories=list(p.source_trajectories),
+        lessons=list(p.lessons),
+        example_actions=list(p.example_actions),
+        created_at=p.created_at,
+        last_accessed=p.last_accessed,
+        metadata=p.metadata,
+    )
+    return q
+
+
+class PatternStore:
+    """Columnar store of reasoning patterns with exact similarity search.
+
+    Args:
+        config: a :class:`PatternStoreConfig` (defaults when omitted); keyword overrides are applied on top.
+
+    Example:
+        >>> store = PatternStore(PatternStoreConfig(embedding_dim=4))
+        >>> pid = store.store_pattern(Pattern.new([1.0, 0.0, 0.0, 0.0], "research", 0.9))
+        >>> store.search_similar([1.0, 0.1, 0.0, 0.0], k=1)[0].pattern.id == pid
+        True
+    """
+
+    _COLUMNS = ("_ids", "_conf", "_usage", "_success", "_avgq", "_created", "_last", "_cat", "_alive", "_norm")
+
+    def __init__(self, config: PatternStoreConfig | None = None, **overrides: Any) -> None:
+        cfg = PatternStoreConfig(**asdict(config)) if config is not None else PatternStoreConfig()
+        for k, v in overrides.items():
+            if not hasattr(cfg, k):
+                raise ValueError(f"unknown PatternStoreConfig field {k!r}")
+            setattr(cfg, k, v)
+        cfg.validate()
+        self.config = cfg
+        self.device = torch.device(cfg.device)
+        self.dtype = _DTYPES[cfg.dtype]
+        self._lock = threading.RLock()
+        self._cat_codes: dict[str, int] = {n: i for i, n in enumerate(BUILTIN_CATEGORIES)}
+        self._cat_names: list[str] = list(BUILTIN_CATEGORIES)
+        self._total_searches = 0
+        self._search_time_ms = 0.0
+        self._alloc(0)
+
+    # ------------------------------------------------------------------ columns
+    def _alloc(self, cap: int) -> None:
+        d, D = self.device, self.config.embedding_dim
+        self._cap = cap
+        self._n = 0  # rows in use (alive or dead)
+        self._dead = 0
+        self._emb = torch.empty((cap, D), dtype=self.dtype, device=d)  # [cap, D]
+        self._norm = torch.empty(cap, dtype=torch.float32, device=d)  # [cap] L2 norm of each row
+        self._ids = torch.empty(cap, dtype=torch.int64, device=d)
+        self._conf = torch.empty(cap, dtype=torch.float64, device=d)
+        self._usage = torch.empty(cap, dtype=torch.int64, device=d)
+        self._success = torch.empty(cap, dtype=torch.int64, device=d)
+        self._avgq = torch.empty(cap, dtype=torch.float64, device=d)
+        self._created = torch.empty(cap, dtype=torch.int64, device=d)  # µs since epoch
+        self._last = torch.empty(cap, dtype=torch.int64, device=d)  # µs since epoch
+        self._cat = torch.empty(cap, dtype=torch.int32, device=d)
+        self._alive = torch.zeros(cap, dtype=torch.bool, device=d)
+        self._side: list[_Side | None] = []
+        self._row_of: dict[int, int] = {}
+        self._staged: dict[int, Pattern] = {}
+        self._cache_version = 0
+        self._score_cache: tuple[int, torch.Tensor, torch.Tensor] | None = None
+
+    def _grow(self, need: int) -> None:
+        if need <= self._cap:
+            return
+        # NOTE: growth factor 1.25 (not 2) keeps resident memory near 1× the embedding bytes; capped at
+        # max_patterns so a full store holds no slack at all.
+        new_cap = max(need, min(int(self._cap * 1.25) + 1024, self.config.max_patterns))
+        emb = torch.empty((new_cap, self.config.embedding_dim), dtype=self.dtype, device=self.device)
+        emb[: self._n] = self._emb[: self._n]
+        self._emb = emb
+        for name in self._COLUMNS:
+            old = getattr(self, name)
+            new = (torch.zeros if name == "_alive" else torch.empty)(new_cap, dtype=old.dtype, device=self.device)
+            new[: self._n] = old[: self._n]
+            setattr(self, name, new)
+        self._cap = new_cap
+
+    def _touch(self) -> None:
+        self._cache_version += 1
+
+    def _code(self, cat: PatternCategory) -> int:
+        code = self._cat_codes.get(cat.name)
+        if code is None:
+            code = len(self._cat_names)
+            self._cat_codes[cat.name] = code
+            self._cat_names.append(cat.name)
+        return code
+
+    def _append(self, patterns: Sequence[Pattern]) -> None:
+        """Write validated patterns (with unused ids) to new rows in one batch."""
+        m = len(patterns)
+        if m == 0:
+            return
+        self._grow(self._n + m)
+        a, b = self._n, self._n + m
+        dev = self.device
+        emb = torch.stack([p.embedding for p in patterns]).to(device=dev)  # [m, D] float32
+        self._norm[a:b] = torch.linalg.vector_norm(emb.float(), dim=1)
+        self._emb[a:b] = emb.to(self.dtype)
+
+        def col(vals: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(vals, dtype=dtype).to(dev)
+
+        self._ids[a:b] = col([p.id for p in patterns], torch.int64)
+        self._conf[a:b] = col([p.confidence for p in patterns], torch.float64)
+        self._usage[a:b] = col([p.usage_count for p in patterns], torch.int64)
+        self._success[a:b] = col([p.success_count for p in patterns], torch.int64)
+        self._avgq[a:b] = col([p.avg_quality for p in patterns], torch.float64)
+        self._created[a:b] = col([dt_to_us(p.created_at) for p in patterns], torch.int64)
+        self._last[a:b] = col([dt_to_us(p.last_accessed) for p in patterns], torch.int64)
+        self._cat[a:b] = col([self._code(p.category) for p in patterns], torch.int32)
+        self._alive[a:b] = True
+        for i, p in enumerate(patterns):
+            self._side.append(_Side(p))
+            self._row_of[p.id] = a + i
+        self._n = b
+        self._touch()
+
+    def _flush(self) -> None:
+        if self._staged:
+            staged = list(self._staged.values())
+            self._staged = {}
+            self._append(staged)
+
+    def _kill_rows(self, rows: torch.Tensor) -> None:
+        """Tombstone rows (``[r]`` int64, alive, unique)."""
+        if rows.numel() == 0:
+            return
+        self._alive[rows] = False
+        for r, pid in zip(rows.tolist(), self._ids[rows].tolist()):
+            self._row_of.pop(pid, None)
+            self._side[r] = None
+        self._dead += int(rows.numel())
+        self._touch()
+        if self._dead > self.config.compact_dead_fraction * self._n:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Rewrite the columns without dead rows (row order is kept)."""
+        n = self._n
+        keep = torch.nonzero(self._alive[:n]).flatten()
+        m = int(keep.numel())
+        self._emb[:m] = self._emb[keep]
+        for name in self._COLUMNS:
+            col = getattr(self, name)
+            col[:m] = col[keep]
+        self._alive[m:n] = False
+        keep_l = keep.tolist()
+        self._side = [self._side[r] for r in keep_l]
+        self._row_of = {pid: i for i, pid in enumerate(self._ids[:m].tolist())}
+        self._n = m
+        self._dead = 0
+        self._touch()
+
+    def compact(self) -> None:
+        """Drop dead rows now (also done automatically past ``compact_dead_fraction``)."""
+        with self._lock:
+            self._flush()
+            if self._dead:
+                self._compact()
+
+    # ------------------------------------------------------------------ building patterns
+    def _patterns_at(self, rows: Sequence[int]) -> list[Pattern]:
+        if not rows:
+            return []
+        idx = torch.as_tensor(list(rows), dtype=torch.int64, device=self.device)
+        emb = self._emb[idx].to(torch.float32)
+        cols = {
+            name: getattr(self, name)[idx].tolist()
+            for name in ("_ids", "_conf", "_usage", "_success", "_avgq", "_created", "_last", "_cat")
+        }
+        out = []
+        for i, r in enumerate(rows):
+            s = self._side[r]
+            assert s is not None
+            out.append(
+                Pattern(
+                    id=cols["_ids"][i],
+                    uuid=s.uuid,
+                    embedding=emb[i].clone(),
+                    category=PatternCategory(self._cat_names[cols["_cat"][i]]),
+                    confidence=cols["_conf"][i],
+                    usage_count=cols["_usage"][i],
+                    success_count=cols["_success"][i],
+                    avg_quality=cols["_avgq"][i],
+                    source_trajectories=list(s.sources),
+                    lessons=list(s.lessons),
+                    example_actions=list(s.actions),
+                    created_at=us_to_dt(cols["_created"][i]),
+                    last_accessed=us_to_dt(cols["_last"][i]),
+                    metadata=PatternMetadata(
+                        tags=list(s.tags), source=s.source, version=s.version, attributes=dict(s.attributes)
+                    ),
+                )
+            )
+        return out
+
+    @staticmethod
+    def _copy(p: Pattern) -> Pattern:
+        return Pattern(
+            id=p.id,
+            uuid=p.uuid,
+            embedding=p.embedding.clone(),
+            category=p.category,
+            confidence=p.confidence,
+            usage_count=p.usage_count,
+            success_count=p.success_count,
+            avg_quality=p.avg_quality,
+            source_trajectories=list(p.source_trajectories),
+            lessons=list(p.lessons),
+            example_actions=list(p.example_actions),
+            created_at=p.created_at,
+            last_accessed=p.last_accessed,
+            metadata=PatternMetadata(
+                tags=list(p.metadata.tags),
+                source=p.metadata.source,
+                version=p.metadata.version,
+                attributes=dict(p.metadata.attributes),
+            ),
+        )
+
+    # ------------------------------------------------------------------ capacity
+    def _live_rows(self) -> torch.Tensor:
+        return torch.nonzero(self._alive[: self._n]).flatten()
+
+    def _make_room(self, incoming: int) -> None:
+        """Prune, then evict, until ``incoming`` more patterns fit under max_patterns."""
+        cfg = self.config
+        cap = cfg.max_patterns
+        if incoming > cap:
+            raise ValueError(f"cannot store {incoming} patterns at once: max_patterns is {cap}")
+        chunk = max(1, cap // 10)
+        while len(self) + incoming > cap:
+            self._flush()
+            need = len(self) + incoming - cap
+            freed = 0
+            if cfg.auto_prune:
+                now = dt_to_us(utcnow())
+                n = self._n
+                prunable = (
+                    self._alive[:n]
+                    & (self._usage[:n] < cfg.prune_threshold)
+                    & ((now - self._last[:n]).double() / 1e6 > cfg.max_unused_age_secs)
+                    & (self._avgq[:n] < cfg.min_confidence)
+                )
+                rows = torch.nonzero(prunable).flatten()
+                if rows.numel():
+                    order = torch.argsort(self._last[rows], stable=True)[:chunk]
+                    rows = rows[order]
+                    freed = int(rows.numel())
+                    self._kill_rows(torch.sort(rows).values)
+            if freed == 0:
+                k = min(max(need, 1), chunk)
+                rows = self._live_rows()
+                scores = self._importance(rows)
+                # lowest importance first; ties: oldest last access, then lowest id
+                order = torch.argsort(scores, stable=True)[:k]
+                self._kill_rows(torch.sort(rows[order]).values)
+
+    def _importance(self, rows: torch.Tensor, fisher_mean: torch.Tensor | None = None,
+                    has_fisher: torch.Tensor | None = None, max_age_secs: float | None = None) -> torch.Tensor:
+        now = dt_to_us(utcnow())
+        age = (now - self._last[rows]).double().clamp(min=0) / 1e6
+        return importance_scores(
+            self._usage[rows],
+            self._success[rows],
+            self._avgq[rows],
+            age,
+            float(max_age_secs if max_age_secs is not None else self.config.max_unused_age_secs),
+            fisher_mean,
+            has_fisher,
+        )
+
+    # ------------------------------------------------------------------ public API: writes
+    def store_pattern(self, pattern: Pattern) -> int:
+        """Store (a copy of) one pattern and return its id.
+
+        A pattern whose id is already stored replaces the stored one.
+
+        Raises:
+            ValueError: wrong embedding dimension, non-finite values, out-of-range fields.
+            LowConfidenceError: confidence below ``min_confidence``.
+        """
+        p = _validate_pattern(pattern, self.config.embedding_dim, self.config.min_confidence)
+        p = self._copy(p)
+        with self._lock:
+            replacing = p.id in self._row_of or p.id in self._staged
+            if not replacing and len(self) + 1 > self.config.max_patterns:
+                self._make_room(1)
+            if p.id in self._row_of:
+                self._kill_rows(torch.tensor([self._row_of[p.id]], device=self.device))
+            self._staged[p.id] = p
+            self._touch()
+        return p.id
+
+    def store_patterns(self, patterns: Iterable[Pattern]) -> list[int]:
+        """Store many patterns in one batch; all are validated before anything is written.
+
+        Returns:
+            their ids, in order.
+        """
+        cfg = self.config
+        batch = [self._copy(_validate_pattern(p, cfg.embedding_dim, cfg.min_confidence)) for p in patterns]
+        ids = [p.id for p in batch]
+        if len(set(ids)) != len(ids):
+            raise ValueError("store_patterns: the batch holds the same pattern id twice")
+        with self._lock:
+            self._flush()
+            old = [self._row_of[i] for i in ids if i in self._row_of]
+            new_count = len(batch) - len(old)
+            if len(self) + new_count > cfg.max_patterns:
+                self._make_room(new_count)
+                old = [self._row_of[i] for i in ids if i in self._row_of]
+            if old:
+                self._kill_rows(torch.tensor(sorted(old), dtype=torch.int64, device=self.device))
+            self._append(batch)
+        return ids
+
+    def remove_pattern(self, pattern_id: int) -> bool:
+        """Remove a pattern; returns False when it is not stored."""
+        with self._lock:
+            if self._staged.pop(pattern_id, None) is not None:
+                self._touch()
+                return True
+            row = self._row_of.get(pattern_id)
+            if row is None:
+                return False
+            self._kill_rows(torch.tensor([row], device=self.device))
+            return True
+
+    def remove_patterns(self, pattern_ids: Iterable[int]) -> int:
+        """Remove many patterns; returns how many were stored."""
+        with self._lock:
+            self._flush()
+            rows = sorted({self._row_of[i] for i in pattern_ids if i in self._row_of})
+            self._kill_rows(torch.tensor(rows, dtype=torch.int64, device=self.device))
+            return len(rows)
+
+    def record_usage(self, pattern_id: int, successful: bool, quality: float) -> bool:
+        """Record one use of a pattern (SPEC ``Pattern.record_usage``); returns False when not stored."""
+        q = check_unit(quality, "quality")
+        with self._lock:
+            self._flush()
+            row = self._row_of.get(pattern_id)
+            if row is None:
+                return False
+            u = int(self._usage[row]) + 1
+            self._usage[row] = u
+            if successful:
+                self._success[row] += 1
+            avg = float(self._avgq[row])
+            self._avgq[row] = avg + (q - avg) / u
+            self._last[row] = dt_to_us(utcnow())
+            self._touch()
+            return True
+
+    def prune_low_quality(self, min_quality: float) -> int:
+        """Remove patterns with avg_quality < min_quality **and** usage_count < prune_threshold."""
+        mq = check_unit(min_quality, "min_quality")
+        with self._lock:
+            self._flush()
+            n = self._n
+            mask = self._alive[:n] & (self._avgq[:n] < mq) & (self._usage[:n] < self.config.prune_threshold)
+            rows = torch.nonzero(mask).flatten()
+            self._kill_rows(rows)
+            return int(rows.numel())
+
+    def merge_similar(self, threshold: float) -> int:
+        """Merge near-duplicate patterns (SPEC §3): scan live patterns by ascending id; each pattern not yet
+        absorbed leads and absorbs every later unabsorbed pattern whose cosine with it exceeds ``threshold``
+        (cosines of the embeddings as they were before the call). Returns the number absorbed."""
+        thr = float(threshold)
+        if not math.isfinite(thr):
+            raise ValueError(f"threshold must be finite, got {threshold!r}")
+        with self._lock:
+            self._flush()
+            rows, leader = self._leaders(thr, by_category=False)
+            return self._fold(rows, leader)
+
+    def _leaders(self, threshold: float, by_category: bool, eligible: torch.Tensor | None = None):
+        """Live rows in ascending id order and, for each, the position of its leader (SPEC §3 scan)."""
+        from .kernels.pairs import leader_scan, pairs_above
+
+        rows = self._live_rows()
+        rows = rows[torch.argsort(self._ids[rows])]
+        n = int(rows.numel())
+        if n == 0:
+            return rows, torch.empty(0, dtype=torch.int64)
+        emb = self._emb[rows]
+        cats = self._cat[rows].to(torch.int64) if by_category else None
+        pairs = pairs_above(emb, threshold, cats)
+        leader = leader_scan(n, pairs.cpu(), None if eligible is None else eligible.cpu())
+        return rows, leader.cpu()
+
+    def _fold(self, rows: torch.Tensor, leader: torch.Tensor) -> int:
+        """Fold every absorbed row into its leader (``Pattern.merge`` semantics, ascending id order) and
+        tombstone the absorbed rows. ``rows`` are in ascending id order; ``leader[i]`` a position."""
+        pos = torch.arange(leader.numel())
+        absorbed_pos = torch.nonzero(leader != pos).flatten()
+        if absorbed_pos.numel() == 0:
+            return 0
+        rows_l = rows.tolist()
+        lead_l = leader.tolist()
+        usage = self._usage[rows].tolist()
+        # which merges are effective: Pattern.merge does nothing while the running usage stays 0
+        running: dict[int, int] = {}
+        effective: list[int] = []
+        now_us = dt_to_us(utcnow())
+        for p in absorbed_pos.tolist():
+            L = lead_l[p]
+            u = running.get(L, usage[L]) + usage[p]
+            running[L] = u
+            if u == 0:
+                continue
+            effective.append(p)
+            ls, os_ = self._side[rows_l[L]], self._side[rows_l[p]]
+            assert ls is not None and os_ is not None
+            ls.sources.extend(os_.sources)
+            seen = set(ls.lessons)
+            for x in os_.lessons:
+                if x not in seen:
+                    ls.lessons.append(x)
+                    seen.add(x)
+            for a in os_.actions:
+                if len(ls.actions) >= 10:
+                    break
+                if a not in ls.actions:
+                    ls.actions.append(a)
+        if effective:
+            eff = torch.tensor(effective, dtype=torch.int64)
+            src = rows[eff].to(self.device)
+            dst = rows[leader[eff]].to(self.device)
+            uniq = torch.unique(dst)
+            # usage-weighted sums in float64 over the leader and its effective absorbed rows
+            u_src = self._usage[src].double()
+            u_dst = self._usage[uniq].double()
+            acc_e = self._emb[uniq].double() * u_dst[:, None]  # [L, D]
+            acc_q = self._avgq[uniq] * u_dst
+            acc_u = u_dst.clone()
+            slot = torch.searchsorted(uniq, dst)
+            acc_e.index_add_(0, slot, self._emb[src].double() * u_src[:, None])
+            acc_q.index_add_(0, slot, self._avgq[src] * u_src)
+            acc_u.index_add_(0, slot, u_src)
+            acc_s = self._success[uniq].clone().index_add_(0, slot, self._success[src])
+            acc_c = self._conf[uniq].clone().scatter_reduce_(0, slot, self._conf[src], reduce="amax")
+            new_e = acc_e / acc_u[:, None]
+            self._emb[uniq] = new_e.to(self.dtype)
+            self._norm[uniq] = torch.linalg.vector_norm(new_e.float(), dim=1)
+            self._avgq[uniq] = acc_q / acc_u
+            self._usage[uniq] = acc_u.round().to(torch.int64)
+            self._success[uniq] = acc_s
+            self._conf[uniq] = acc_c
+            self._last[uniq] = now_us
+        dead = torch.sort(rows[absorbed_pos]).values.to(self.device)
+        self._touch()
+        self._kill_rows(dead)
+        return int(absorbed_pos.numel())
+
+    # ------------------------------------------------------------------ public API: reads
+    def __len__(self) -> int:
+        return self._n - self._dead + sum(1 for pid in self._staged if pid not in self._row_of)
+
+    def len(self) -> int:  # noqa: A003 - SPEC name
+        """Number of live patterns."""
+        with self._lock:
+            return len(self)
+
+    def is_empty(self) -> bool:
+        return self.len() == 0
+
+    def get_pattern(self, pattern_id: int) -> Pattern | None:
+        """A copy of the pattern, or None."""
+        with self._lock:
+            p = self._staged.get(pattern_id)
+            if p is not None:
+                return self._copy(p)
+            row = self._row_of.get(pattern_id)
+            return None if row is None else self._patterns_at([row])[0]
+
+    def __contains__(self, pattern_id: object) -> bool:
+        with self._lock:
+            return pattern_id in self._staged or pattern_id in self._row_of
+
+    def get_all_patterns(self) -> list[Pattern]:
+        """Copies of all live patterns in ascending id order."""
+        with self._lock:
+            self._flush()
+            rows = self._live_rows()
+            rows = rows[torch.argsort(self._ids[rows])]
+            return self._patterns_at(rows.tolist())
+
+    def ids(self) -> torch.Tensor:
+        """``[N]`` int64 ids of the live patterns, ascending."""
+        with self._lock:
+            self._flush()
+            return torch.sort(self._ids[self._live_rows()]).values
+
+    def get_by_category(self, category: PatternCategory | str, limit: int) -> list[Pattern]:
+        """The ``limit`` highest-confidence patterns of ``category``, best first (ties: lower id first)."""
+        cat = PatternCategory.parse(category)
+        limit = _check_k(limit, "limit")
+        with self._lock:
+            self._flush()
+            code = self._cat_codes.get(cat.name)
+            if code is None or limit == 0:
+                return []
+            n = self._n
+            rows = torch.nonzero(self._alive[:n] & (self._cat[:n] == code)).flatten()
+            rows = rows[torch.argsort(self._ids[rows])]
+            order = torch.argsort(self._conf[rows], descending=True, stable=True)[:limit]
+            return self._patterns_at(rows[order].tolist())
+
+    def _scores_prep(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row ``scale`` and ``bias`` ``[n]`` float32 such that score = scale·(q·e) + bias (dead rows −inf)."""
+        if self._score_cache is not None and self._score_cache[0] == self._cache_version:
+            return self._score_cache[1], self._score_cache[2]
+        n = self._n
+        alive = self._alive[:n]
+        norm = self._norm[:n]
+        bias = torch.zeros(n, dtype=torch.float32, device=self.device).masked_fill_(~alive, _NEG_INF)
+        metric = self.config.distance_metric
+        if metric == "cosine":
+            scale = torch.where(norm > 1e-8, 1.0 / norm.clamp(min=1e-30), torch.zeros_like(norm))
+        elif metric == "dot":
+            scale = torch.ones_like(norm)
+        else:  # euclidean: rank by 2·q·e − ||e||² (= ||q||² − d²)
+            scale = torch.full_like(norm, 2.0)
+            bias = bias - norm * norm
+        self._score_cache = (self._cache_version, scale, bias)
+        return scale, bias
+
+    def _search_rows(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-k: ``q`` ``[B, D]`` (prepared) → (scores ``[B, k']``, rows ``[B, k']``), k' = min(k, n)."""
+        n = self._n
+        B = q.shape[0]
+        kk = min(k, n)
+        if kk == 0:
+            e = torch.empty((B, 0), device=self.device)
+            return e, e.long()
+        scale, bias = self._scores_prep()
+        block = self.config.search_block_rows
+        E = self._emb
+        best_s: torch.Tensor | None = None
+        best_r: torch.Tensor | None = None
+        for a in range(0, n, block):
+            b = min(n, a + block)
+            s = torch.mm(q, E[a:b].T)  # [B, nb]
+            if s.dtype != torch.float32:
+                s = s.float()
+            s.mul_(scale[a:b]).add_(bias[a:b])
+            ts, ti = torch.topk(s, min(kk, b - a), dim=1)
+            ti += a
+            if best_s is None:
+                best_s, best_r = ts, ti
+            else:
+                cs = torch.cat([best_s, ts], dim=1)
+                cr = torch.cat([best_r, ti], dim=1)
+                best_s, j = torch.topk(cs, kk, dim=1)
+                best_r = torch.gather(cr, 1, j)
+        assert best_s is not None and best_r is not None
+        return best_s, best_r
+
+    def _prepare_queries(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cast/normalise queries ``[B, D]``; returns (prepared, squared norms)."""
+        q = q.to(device=self.device, dtype=torch.float32)
+        qn = torch.linalg.vector_norm(q, dim=1)
+        if self.config.distance_metric == "cosine":
+            q = q * torch.where(qn > 1e-8, 1.0 / qn.clamp(min=1e-30), torch.zeros_like(qn))[:, None]
+        return q.to(self.dtype), qn * qn
+
+    def _finish_scores(self, scores: torch.Tensor, qsq: torch.Tensor) -> torch.Tensor:
+        if self.config.distance_metric == "euclidean":
+            d2 = (qsq[:, None] - scores).clamp(min=0)
+            return torch.where(torch.isfinite(scores), 1.0 / (1.0 + d2.sqrt()), scores)
+        return scores
+
+    def search_similar_batch(self, queries: Any, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k live patterns for each query.
+
+        Args:
+            queries: ``[B, D]`` (a ``[D]`` query is treated as ``[1, D]``).
+            k: results per query (≥ 0).
+
+        Returns:
+            (similarities ``[B, k]`` float32, ids ``[B, k]`` int64), best first; missing slots hold −inf / −1.
+            Similarity is the cosine (``cosine``), the dot product (``dot``) or 1/(1+distance) (``euclidean``).
+        """
+        k = _check_k(k, "k")
+        q = as_embedding_batch(queries, "queries", dim=self.config.embedding_dim)
+        t0 = time.perf_counter()
+        with self._lock:
+            self._flush()
+            qp, qsq = self._prepare_queries(q)
+            s, r = self._search_rows(qp, k)
+            ids = torch.where(torch.isfinite(s), self._ids[r] if r.numel() else r, torch.full_like(r, -1))
+            s = self._finish_scores(s, qsq)
+            B = q.shape[0]
+            if s.shape[1] < k:
+                pad = k - s.shape[1]
+                s = torch.cat([s, torch.full((B, pad), _NEG_INF, device=self.device)], dim=1)
+                ids = torch.cat([ids, torch.full((B, pad), -1, dtype=torch.int64, device=self.device)], dim=1)
+            self._total_searches += B
+            self._search_time_ms += (time.perf_counter() - t0) * 1000.0
+        return s, ids
+
+    def search_similar(self, query: Any, k: int) -> list[PatternSearchResult]:
+        """The ``min(k, len)`` live patterns most similar to ``query`` ``[D]``, best first (rank 0-based)."""
+        k = _check_k(k, "k")
+        q = as_embedding(query, "query", dim=self.config.embedding_dim)
+        with self._lock:
+            sims, ids = self.search_similar_batch(q[None, :], k)
+            sims_l, ids_l = sims[0].tolist(), ids[0].tolist()
+            rows = [self._row_of[i] for i in ids_l if i >= 0]
+            pats = self._patterns_at(rows)
+        return [PatternSearchResult(p, s, r) for r, (p, s) in enumerate(zip(pats, sims_l))]
+
+    def stats(self) -> PatternStats:
+        with self._lock:
+            self._flush()
+            rows = self._live_rows()
+            n = int(rows.numel())
+            by_cat: dict[str, int] = {}
+            if n:
+                codes, counts = torch.unique(self._cat[rows], return_counts=True)
+                by_cat = {self._cat_names[c]: int(k) for c, k in zip(codes.tolist(), counts.tolist())}
+            return PatternStats(
+                total_patterns=n,
+                by_category=by_cat,
+                avg_confidence=float(self._conf[rows].mean()) if n else 0.0,
+                avg_usage=float(self._usage[rows].double().mean()) if n else 0.0,
+                total_searches=self._total_searches,
+                avg_search_latency_ms=self._search_time_ms / self._total_searches if self._total_searches else 0.0,
+            )
+
+    # ------------------------------------------------------------------ column access for bulk work
+    def columns(self) -> dict[str, torch.Tensor]:
+        """Live rows as columns in ascending id order (copies): ``embedding [N, D]``, ``id``, ``confidence``,
+        ``usage_count``, ``success_count``, ``avg_quality``, ``created_us``, ``last_accessed_us``,
+        ``category_code`` ``[N]``; plus ``category_names`` (list, indexed by code)."""
+        with self._lock:
+            self._flush()
+            rows = self._live_rows()
+            rows = rows[torch.argsort(self._ids[rows])]
+            return {
+                "embedding": self._emb[rows],
+                "id": self._ids[rows],
+                "confidence": self._conf[rows],
+                "usage_count": self._usage[rows],
+                "success_count": self._success[rows],
+                "avg_quality": self._avgq[rows],
+                "created_us": self._created[rows],
+                "last_accessed_us": self._last[rows],
+                "category_code": self._cat[rows],
+                "category_names": list(self._cat_names),  # type: ignore[dict-item]
+            }
+
+    # ------------------------------------------------------------------ snapshots
+    def state_tensors(self, prefix: str = "store/") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Tensors and JSON metadata describing the whole store (used by :meth:`save` and the bank)."""
+        import json
+
+        from .snapshot import encode_strings
+
+        with self._lock:
+            self._flush()
+            rows = self._live_rows()
+            rows = rows[torch.argsort(self._ids[rows])]
+            rl = rows.tolist()
+            side = json.dumps([self._side[r].to_json() for r in rl], ensure_ascii=False)  # type: ignore[union-attr]
+            data, offs = encode_strings([side])
+            t = {
+                prefix + "embedding": self._emb[rows],
+                prefix + "id": self._ids[rows],
+                prefix + "confidence": self._conf[rows],
+                prefix + "usage_count": self._usage[rows],
+                prefix + "success_count": self._success[rows],
+                prefix + "avg_quality": self._avgq[rows],
+                prefix + "created_us": self._created[rows],
+                prefix + "last_accessed_us": self._last[rows],
+                prefix + "category_code": self._cat[rows],
+                prefix + "side": data,
+            }
+            meta = {
+                "config": self.config.to_dict(),
+                "category_names": list(self._cat_names),
+                "total_searches": self._total_searches,
+                "search_time_ms": self._search_time_ms,
+                "count": len(rl),
+            }
+            return t, meta
+
+    @classmethod
+    def from_state_tensors(
+        cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any], prefix: str = "store/", **overrides: Any
+    ) -> PatternStore:
+        """Rebuild a store from :meth:`state_tensors` output; raises SnapshotError on inconsistent data."""
+        import json
+
+        from ._util import bump_id_counter
+        from .snapshot import SnapshotError, expect_tensor
+
+        try:
+            cfg = PatternStoreConfig.from_dict(dict(meta["config"]))
+            for k, v in overrides.items():
+                setattr(cfg, k, v)
+            cfg.validate()
+            names = [str(x) for x in meta["category_names"]]
+            count = int(meta["count"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise SnapshotError(f"corrupt snapshot: bad pattern store metadata ({e})") from None
+        D = cfg.embedding_dim
+        emb = expect_tensor(tensors, prefix + "embedding", _DTYPES[cfg.dtype], (count, D))
+        spec = {
+            "id": torch.int64, "confidence": torch.float64, "usage_count": torch.int64, "success_count": torch.int64,
+            "avg_quality": torch.float64, "created_us": torch.int64, "last_accessed_us": torch.int64,
+            "category_code": torch.int32,
+        }
+        cols = {k: expect_tensor(tensors, prefix + k, dt, (count,)) for k, dt in spec.items()}
+        side_raw = expect_tensor(tensors, prefix + "side", torch.uint8, (None,))
+        try:
+            side = json.loads(side_raw.numpy().tobytes().decode("utf-8"))
+            if not isinstance(side, list) or len(side) != count:
+                raise ValueError("side table length")
+            sides = [_Side.from_json(j) for j in side]
+        except (ValueError, TypeError, UnicodeDecodeError) as e:
+            raise SnapshotError(f"corrupt snapshot: bad pattern side table ({e})") from None
+        codes = cols["category_code"]
+        if count and (int(codes.min()) < 0 or int(codes.max()) >= len(names)):
+            raise SnapshotError("corrupt snapshot: category code out of range")
+        if len(set(cols["id"].tolist())) != count:
+            raise SnapshotError("corrupt snapshot: duplicate pattern ids")
+        if count and not bool(torch.isfinite(emb.float()).all()):
+            raise SnapshotError("corrupt snapshot: non-finite embedding values")
+        for nm in names:
+            PatternCategory.parse(nm)
+        store = cls(cfg)
+        store._cat_names = names
+        store._cat_codes = {n: i for i, n in enumerate(names)}
+        store._grow(count)
+        dev = store.device
+        store._emb[:count] = emb.to(dev)
+        store._norm[:count] = torch.linalg.vector_norm(emb.to(dev).float(), dim=1)
+        store._ids[:count] = cols["id"].to(dev)
+        store._conf[:count] = cols["confidence"].to(dev)
+        store._usage[:count] = cols["usage_count"].to(dev)
+        store._success[:count] = cols["success_count"].to(dev)
+        store._avgq[:count] = cols["avg_quality"].to(dev)
+        store._created[:count] = cols["created_us"].to(dev)
+        store._last[:count] = cols["last_accessed_us"].to(dev)
+        store._cat[:count] = codes.to(dev)
+        store._alive[:count] = True
+        store._side = list(sides)
+        store._row_of = {pid: i for i, pid in enumerate(cols["id"].tolist())}
+        store._n = count
+        store._total_searches = int(meta.get("total_searches", 0))
+        store._search_time_ms = float(meta.get("search_time_ms", 0.0))
+        if count:
+            bump_id_counter(int(cols["id"].max()))
+        store._touch()
+        return store
+
+    def save(self, path: str | None = None) -> None:
+        """Write the store to a safetensors snapshot, atomically (``config.storage_path`` when omitted)."""
+        from .snapshot import write_snapshot
+
+        path = path or self.config.storage_path
+        if not path:
+            raise ValueError("path must be given (or config.storage_path set)")
+        t, meta = self.state_tensors()
+        write_snapshot(path, "rbank_torch.store", t, meta)
+
+    @classmethod
+    def load(cls, path: str, **overrides: Any) -> PatternStore:
+        """Load a store written by :meth:`save` (keyword overrides, e.g. ``device="cuda"``, are applied)."""
+        from .snapshot import read_snapshot
+
+        tensors, meta = read_snapshot(path, "rbank_torch.store")
+        return cls.from_state_tensors(tensors, meta, **overrides)
+
+
+def _check_k(k: Any, name: str) -> int:
+    if isinstance(k, bool) or not isinstance(k, int):
+        try:
+            import numpy as np
+
+            if isinstance(k, np.integer):
+                k = int(k)
+            else:
+                raise TypeError
+        except TypeError:
+            raise ValueError(f"{name} must be a non-negative integer, got {k!r}") from None
+    if k < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {k}")
+    return k
