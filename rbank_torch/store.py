@@ -11,16 +11,18 @@ Thread safety: every public method takes the store's re-entrant lock; a store ma
 
 from __future__ import annotations
 
+import gc
 import math
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
+from datetime import timedelta
 from typing import Any
 
 import torch
 
-from ._util import as_embedding, as_embedding_batch, check_unit, dt_to_us, us_to_dt, utcnow
+from ._util import EPOCH, as_embedding, as_embedding_batch, check_unit, dt_to_us, us_to_dt, utcnow
 from .importance import importance_scores
 from .patterns import BUILTIN_CATEGORIES, Pattern, PatternCategory, PatternMetadata, PatternSearchResult
 
@@ -132,69 +134,151 @@ class PatternStats:
 
 
 class _Side:
-    """Strings and lists of one row."""
+    """Strings and lists of one row (empty containers are stored as None to save memory)."""
 
-    __slots__ = ("uuid", "sources", "lessons", "actions", "tags", "source", "version", "attributes")
+    __slots__ = ("uuid", "_sources", "_lessons", "_actions", "_tags", "source", "version", "_attributes")
 
     def __init__(self, p: Pattern) -> None:
-        self.uuid = p.uuid
-        self.sources = [int(x) for x in p.source_trajectories]
-        self.lessons = [str(x) for x in p.lessons]
-        self.actions = [str(x) for x in p.example_actions]
         md = p.metadata
-        self.tags = [str(x) for x in md.tags]
+        self.uuid = str(p.uuid)
+        self._sources = [int(x) for x in p.source_trajectories] or None
+        self._lessons = [str(x) for x in p.lessons] or None
+        self._actions = [str(x) for x in p.example_actions] or None
+        self._tags = [str(x) for x in md.tags] or None
         self.source = str(md.source)
         self.version = int(md.version)
-        self.attributes = {str(k): str(v) for k, v in md.attributes.items()}
+        self._attributes = dict(md.attributes) or None
+        if self._attributes is not None:
+            self._attributes = {str(k): str(v) for k, v in self._attributes.items()}
+
+    # list views (created on first write)
+    @property
+    def sources(self) -> list[int]:
+        if self._sources is None:
+            self._sources = []
+        return self._sources
+
+    @property
+    def lessons(self) -> list[str]:
+        if self._lessons is None:
+            self._lessons = []
+        return self._lessons
+
+    @property
+    def actions(self) -> list[str]:
+        if self._actions is None:
+            self._actions = []
+        return self._actions
+
+    @property
+    def tags(self) -> list[str]:
+        return self._tags or []
+
+    @property
+    def attributes(self) -> dict[str, str]:
+        return self._attributes or {}
 
     def to_json(self) -> list:
-        return [self.uuid, self.sources, self.lessons, self.actions, self.tags, self.source, self.version, self.attributes]
+        return [self.uuid, self._sources or [], self._lessons or [], self._actions or [], self._tags or [],
+                self.source, self.version, self._attributes or {}]
 
     @classmethod
     def from_json(cls, j: list) -> _Side:
         s = cls.__new__(cls)
-        (s.uuid, s.sources, s.lessons, s.actions, s.tags, s.source, s.version, s.attributes) = j
+        if not isinstance(j, list) or len(j) != 8:
+            raise ValueError("side row must be a list of 8 fields")
+        uuid, sources, lessons, actions, tags, source, version, attributes = j
+        if not (isinstance(uuid, str) and isinstance(source, str) and isinstance(version, int)
+                and all(isinstance(x, list) for x in (sources, lessons, actions, tags))
+                and isinstance(attributes, dict)):
+            raise ValueError("side row has fields of the wrong type")
+        s.uuid, s.source, s.version = uuid, source, version
+        s._sources = [int(x) for x in sources] or None
+        s._lessons = [str(x) for x in lessons] or None
+        s._actions = [str(x) for x in actions] or None
+        s._tags = [str(x) for x in tags] or None
+        s._attributes = {str(k): str(v) for k, v in attributes.items()} or None
         return s
 
 
-def _validate_pattern(p: Pattern, dim: int, min_confidence: float) -> Pattern:
-    """Check every field of ``p``; returns a private copy with a validated float32 embedding."""
+class _Row:
+    """A validated pattern waiting to be written to the columns."""
+
+    __slots__ = ("id", "emb", "conf", "usage", "success", "avgq", "created", "last", "cat", "side")
+
+
+_US = timedelta(microseconds=1)
+
+
+def _unit(v: Any, name: str) -> float:
+    # fast path for plain floats in [0, 1]; anything else goes through the full check (NaN fails both tests)
+    if type(v) is float and 0.0 <= v <= 1.0:
+        return v
+    return check_unit(v, name)
+
+
+def _check_scalars(p: Pattern, min_confidence: float) -> _Row:
+    """Check every field of ``p`` but the embedding; returns a row record (embedding not yet set)."""
     if not isinstance(p, Pattern):
         raise ValueError(f"pattern must be a Pattern, got {type(p).__name__}")
-    emb = as_embedding(p.embedding, "embedding", dim=dim)
-    conf = check_unit(p.confidence, "confidence")
+    r = _Row()
+    conf = _unit(p.confidence, "confidence")
     if conf < min_confidence:
         raise LowConfidenceError(f"confidence {conf} is below min_confidence {min_confidence}")
-    avg_q = check_unit(p.avg_quality, "avg_quality")
-    for name in ("usage_count", "success_count", "id"):
-        v = getattr(p, name)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
-    if p.success_count > p.usage_count:
-        raise ValueError(f"success_count ({p.success_count}) must not exceed usage_count ({p.usage_count})")
-    if not isinstance(p.category, PatternCategory):
-        PatternCategory.parse(p.category)  # raises ValueError for unknown names
-    for name in ("created_at", "last_accessed"):
-        v = getattr(p, name)
-        if getattr(v, "tzinfo", None) is None:
-            raise ValueError(f"{name} must be a timezone-aware datetime")
-    q = Pattern(
-        id=p.id,
-        uuid=str(p.uuid),
-        embedding=emb,
-        category=PatternCategory.parse(p.category),
-        confidence=conf,
-        usage_count=p.usage_count,
-        success_count=p.success_count,
-        avg_quality=avg_q,
-        source_trajectories=list(p.source_trajectories),
-        lessons=list(p.lessons),
-        example_actions=list(p.example_actions),
-        created_at=p.created_at,
-        last_accessed=p.last_accessed,
-        metadata=p.metadata,
-    )
-    return q
+    r.conf = conf
+    r.avgq = _unit(p.avg_quality, "avg_quality")
+    pid, usage, success = p.id, p.usage_count, p.success_count
+    if not (type(pid) is int and type(usage) is int and type(success) is int and pid >= 0 and usage >= 0
+            and success >= 0):
+        for name in ("id", "usage_count", "success_count"):
+            v = getattr(p, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
+        pid, usage, success = int(pid), int(usage), int(success)
+    if success > usage:
+        raise ValueError(f"success_count ({success}) must not exceed usage_count ({usage})")
+    r.id, r.usage, r.success = pid, usage, success
+    cat = p.category
+    r.cat = cat if isinstance(cat, PatternCategory) else PatternCategory.parse(cat)
+    try:
+        r.created = (p.created_at - EPOCH) // _US
+        r.last = (p.last_accessed - EPOCH) // _US
+    except TypeError:
+        raise ValueError("created_at and last_accessed must be timezone-aware datetimes") from None
+    r.side = _Side(p)
+    return r
+
+
+def _prepare(patterns: Sequence[Pattern], dim: int, min_confidence: float) -> tuple[list[_Row], torch.Tensor]:
+    """Validate patterns; returns their row records and their embeddings stacked ``[m, D]`` float32 (CPU)."""
+    # NOTE: pausing the cyclic GC while building many small row objects halves the cost of a 20 000-pattern
+    # batch (the collector otherwise rescans the caller's pattern list over and over).
+    paused = gc.isenabled() and len(patterns) > 256
+    if paused:
+        gc.disable()
+    try:
+        rows = [_check_scalars(p, min_confidence) for p in patterns]
+    finally:
+        if paused:
+            gc.enable()
+    embs = [p.embedding for p in patterns]
+    if not embs:
+        return rows, torch.empty((0, dim))
+    E = None
+    try:  # fast path: a list of 1-D tensors of the right size on one device
+        E = torch.stack(embs).detach()
+        if E.shape != (len(embs), dim):
+            E = None
+    except (TypeError, RuntimeError):
+        E = None
+    if E is None:
+        E = torch.stack([as_embedding(e, "embedding", dim=dim) for e in embs])
+    E = E.to("cpu", torch.float32)
+    lo, hi = torch.aminmax(E)  # NaN propagates; ±inf shows at an end: finite ends ⇔ all finite
+    if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+        bad = int(torch.nonzero(~torch.isfinite(E).all(dim=1))[0])
+        raise ValueError(f"embedding must hold finite values (found NaN or inf in pattern {patterns[bad].id})")
+    return rows, E
 
 
 class PatternStore:
@@ -279,33 +363,39 @@ class PatternStore:
             self._cat_names.append(cat.name)
         return code
 
-    def _append(self, patterns: Sequence[Pattern]) -> None:
-        """Write validated patterns (with unused ids) to new rows in one batch."""
-        m = len(patterns)
+    def _append(self, rows: Sequence[_Row], emb: torch.Tensor | None = None) -> None:
+        """Write validated rows (with unused ids) to new rows of the columns in one batch.
+
+        ``emb`` ``[m, D]`` float32 holds their embeddings when already stacked.
+        """
+        m = len(rows)
         if m == 0:
             return
         self._grow(self._n + m)
         a, b = self._n, self._n + m
         dev = self.device
-        emb = torch.stack([p.embedding for p in patterns]).to(device=dev)  # [m, D] float32
-        self._norm[a:b] = torch.linalg.vector_norm(emb.float(), dim=1)
+        if emb is None:
+            emb = torch.stack([r.emb for r in rows])
+        emb = emb.to(device=dev)  # [m, D] float32
+        self._norm[a:b] = torch.linalg.vector_norm(emb, dim=1)
         self._emb[a:b] = emb.to(self.dtype)
 
         def col(vals: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(vals, dtype=dtype).to(dev)
 
-        self._ids[a:b] = col([p.id for p in patterns], torch.int64)
-        self._conf[a:b] = col([p.confidence for p in patterns], torch.float64)
-        self._usage[a:b] = col([p.usage_count for p in patterns], torch.int64)
-        self._success[a:b] = col([p.success_count for p in patterns], torch.int64)
-        self._avgq[a:b] = col([p.avg_quality for p in patterns], torch.float64)
-        self._created[a:b] = col([dt_to_us(p.created_at) for p in patterns], torch.int64)
-        self._last[a:b] = col([dt_to_us(p.last_accessed) for p in patterns], torch.int64)
-        self._cat[a:b] = col([self._code(p.category) for p in patterns], torch.int32)
+        self._ids[a:b] = col([r.id for r in rows], torch.int64)
+        self._conf[a:b] = col([r.conf for r in rows], torch.float64)
+        self._usage[a:b] = col([r.usage for r in rows], torch.int64)
+        self._success[a:b] = col([r.success for r in rows], torch.int64)
+        self._avgq[a:b] = col([r.avgq for r in rows], torch.float64)
+        self._created[a:b] = col([r.created for r in rows], torch.int64)
+        self._last[a:b] = col([r.last for r in rows], torch.int64)
+        self._cat[a:b] = col([self._code(r.cat) for r in rows], torch.int32)
         self._alive[a:b] = True
-        for i, p in enumerate(patterns):
-            self._side.append(_Side(p))
-            self._row_of[p.id] = a + i
+        row_of = self._row_of
+        for i, r in enumerate(rows):
+            self._side.append(r.side)
+            row_of[r.id] = a + i
         self._n = b
         self._touch()
 
@@ -388,30 +478,6 @@ class PatternStore:
             )
         return out
 
-    @staticmethod
-    def _copy(p: Pattern) -> Pattern:
-        return Pattern(
-            id=p.id,
-            uuid=p.uuid,
-            embedding=p.embedding.clone(),
-            category=p.category,
-            confidence=p.confidence,
-            usage_count=p.usage_count,
-            success_count=p.success_count,
-            avg_quality=p.avg_quality,
-            source_trajectories=list(p.source_trajectories),
-            lessons=list(p.lessons),
-            example_actions=list(p.example_actions),
-            created_at=p.created_at,
-            last_accessed=p.last_accessed,
-            metadata=PatternMetadata(
-                tags=list(p.metadata.tags),
-                source=p.metadata.source,
-                version=p.metadata.version,
-                attributes=dict(p.metadata.attributes),
-            ),
-        )
-
     # ------------------------------------------------------------------ capacity
     def _live_rows(self) -> torch.Tensor:
         return torch.nonzero(self._alive[: self._n]).flatten()
@@ -474,17 +540,18 @@ class PatternStore:
             ValueError: wrong embedding dimension, non-finite values, out-of-range fields.
             LowConfidenceError: confidence below ``min_confidence``.
         """
-        p = _validate_pattern(pattern, self.config.embedding_dim, self.config.min_confidence)
-        p = self._copy(p)
+        rows, emb = _prepare([pattern], self.config.embedding_dim, self.config.min_confidence)
+        r = rows[0]
+        r.emb = emb[0].clone()
         with self._lock:
-            replacing = p.id in self._row_of or p.id in self._staged
+            replacing = r.id in self._row_of or r.id in self._staged
             if not replacing and len(self) + 1 > self.config.max_patterns:
                 self._make_room(1)
-            if p.id in self._row_of:
-                self._kill_rows(torch.tensor([self._row_of[p.id]], device=self.device))
-            self._staged[p.id] = p
+            if r.id in self._row_of:
+                self._kill_rows(torch.tensor([self._row_of[r.id]], device=self.device))
+            self._staged[r.id] = r
             self._touch()
-        return p.id
+        return r.id
 
     def store_patterns(self, patterns: Iterable[Pattern]) -> list[int]:
         """Store many patterns in one batch; all are validated before anything is written.
@@ -493,20 +560,20 @@ class PatternStore:
             their ids, in order.
         """
         cfg = self.config
-        batch = [self._copy(_validate_pattern(p, cfg.embedding_dim, cfg.min_confidence)) for p in patterns]
-        ids = [p.id for p in batch]
+        rows, emb = _prepare(list(patterns), cfg.embedding_dim, cfg.min_confidence)
+        ids = [r.id for r in rows]
         if len(set(ids)) != len(ids):
             raise ValueError("store_patterns: the batch holds the same pattern id twice")
         with self._lock:
             self._flush()
             old = [self._row_of[i] for i in ids if i in self._row_of]
-            new_count = len(batch) - len(old)
+            new_count = len(rows) - len(old)
             if len(self) + new_count > cfg.max_patterns:
                 self._make_room(new_count)
                 old = [self._row_of[i] for i in ids if i in self._row_of]
             if old:
                 self._kill_rows(torch.tensor(sorted(old), dtype=torch.int64, device=self.device))
-            self._append(batch)
+            self._append(rows, emb)
         return ids
 
     def remove_pattern(self, pattern_id: int) -> bool:
@@ -651,7 +718,8 @@ class PatternStore:
 
     # ------------------------------------------------------------------ public API: reads
     def __len__(self) -> int:
-        return self._n - self._dead + sum(1 for pid in self._staged if pid not in self._row_of)
+        # staged ids are never in _row_of: a replaced row is tombstoned when its successor is staged
+        return self._n - self._dead + len(self._staged)
 
     def len(self) -> int:  # noqa: A003 - SPEC name
         """Number of live patterns."""
@@ -664,9 +732,8 @@ class PatternStore:
     def get_pattern(self, pattern_id: int) -> Pattern | None:
         """A copy of the pattern, or None."""
         with self._lock:
-            p = self._staged.get(pattern_id)
-            if p is not None:
-                return self._copy(p)
+            if pattern_id in self._staged:
+                self._flush()
             row = self._row_of.get(pattern_id)
             return None if row is None else self._patterns_at([row])[0]
 

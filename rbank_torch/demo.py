@@ -1,0 +1,134 @@
+"""The main job: from agent runs to a searchable memory, in under two minutes on a laptop CPU.
+
+Generates a few thousand realistic agent trajectories (coding, research, tool use, chat; successes,
+failures with root causes, partial results, recoveries), embeds their queries with the packaged
+all-MiniLM-L6-v2 model, stores them in a :class:`ReasoningBank`, answers text queries with the most
+similar patterns and their lessons, analyses a failure, saves a snapshot, reloads it and checks it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .bank import ReasoningBank, ReasoningBankConfig
+from .synthetic import generate_tasks
+from .trajectory import Trajectory, TrajectoryRecorder
+
+QUESTIONS = [
+    "my unit tests started failing after a refactor",
+    "how do I deploy a service without breaking production",
+    "find recent papers about catastrophic forgetting",
+    "help me organise a team event",
+]
+
+
+def _build(tasks, embeddings: torch.Tensor) -> list[Trajectory]:
+    out = []
+    for spec, emb in zip(tasks, embeddings):
+        rec = TrajectoryRecorder(emb)
+        rec.set_request_type(spec.request_type)
+        rec.set_session_id(spec.session_id)
+        for tag in spec.tags:
+            rec.add_tag(tag)
+        for tool in spec.tools:
+            rec.record_tool(tool)
+        rec.record_tokens(spec.input_tokens, spec.output_tokens)
+        for action, rationale, outcome, conf in spec.steps:
+            rec.add_step(action, rationale, outcome, conf)
+        for lesson in spec.lessons:
+            rec.add_lesson(lesson)
+        t = rec.complete(spec.verdict)
+        t.metadata.attributes["query"] = spec.query
+        out.append(t)
+    return out
+
+
+def run(n: int = 3000, seed: int = 0, out: str | None = None, quiet: bool = False) -> dict:
+    """Run the demo; returns the figures it printed (for tests)."""
+    say = (lambda *a: None) if quiet else print
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    from .text import TextEmbedder
+
+    embedder = TextEmbedder()
+    timings["load model"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    tasks = generate_tasks(n, seed=seed)
+    uniq = sorted({t.query for t in tasks})
+    table = dict(zip(uniq, embedder.encode(uniq)))
+    embs = torch.stack([table[t.query] for t in tasks])
+    timings["embed queries"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    trajectories = _build(tasks, embs)
+    bank = ReasoningBank(ReasoningBankConfig(embedding_dim=embedder.dim))
+    for t in trajectories:
+        bank.store_trajectory(t)
+    timings["record + store"] = time.perf_counter() - t0
+    st = bank.stats()
+    say(f"rbank_torch demo: {n} agent runs, {len(uniq)} distinct queries, {embedder.dim}-d MiniLM embeddings")
+    say(
+        f"  stored {st.total_trajectories} trajectories: {st.success_count} succeeded, {st.failure_count} failed, "
+        f"{st.recovered_count} recovered; avg quality {st.avg_quality:.2f}; {st.total_patterns} patterns"
+    )
+
+    t0 = time.perf_counter()
+    answers = {}
+    qe = embedder.encode(QUESTIONS)
+    for q, e in zip(QUESTIONS, qe):
+        res = bank.search_similar(e, 3)
+        answers[q] = res
+        say(f"\n? {q}")
+        for r in res:
+            p = r.pattern
+            traj_query = next((t.metadata.attributes["query"] for t in trajectories if t.id in p.source_trajectories), "")
+            lesson = p.lessons[0] if p.lessons else "-"
+            say(
+                f"  {r.rank + 1}. sim {r.similarity:.3f} [{p.category}] \"{traj_query}\" "
+                f"quality {p.avg_quality:.2f}; steps: {' -> '.join(p.example_actions[:3])}; lesson: {lesson}"
+            )
+    timings["search"] = time.perf_counter() - t0
+
+    failure = next(t for t in trajectories if t.is_failure and t.steps)
+    a = bank.analyze_verdict(failure)
+    say(f"\nWhy did \"{failure.metadata.attributes['query']}\" fail?")
+    say(f"  root cause: {a.root_cause}")
+    say(f"  factors: {'; '.join(a.contributing_factors) or '-'}")
+    say(f"  strategies: {', '.join(s.name for s in a.recovery_strategies) or '-'}")
+    say(f"  lessons: {'; '.join(a.lessons)}")
+    say(f"  improvements: {'; '.join(a.improvements) or '-'}  (confidence {a.confidence:.2f})")
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(out) if out else Path(tmp) / "bank.safetensors"
+        bank.save(str(path))
+        size = path.stat().st_size
+        again = ReasoningBank.load(str(path))
+    timings["save + load"] = time.perf_counter() - t0
+    same = again.export_patterns() == bank.export_patterns()
+    s1, i1 = bank.search_similar_batch(qe, 3)
+    s2, i2 = again.search_similar_batch(qe, 3)
+    same = same and torch.equal(i1, i2) and len(again.trajectories) == len(bank.trajectories)
+    say(f"\nsnapshot: {size / 1e6:.1f} MB, reloaded {len(again.trajectories)} trajectories and "
+        f"{len(again.store)} patterns, identical: {same}")
+    say("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
+    if not same:
+        raise RuntimeError("snapshot round-trip differs")
+    return {"stats": st, "answers": answers, "timings": timings, "roundtrip_identical": same, "analysis": a}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="rbank demo", description=__doc__)
+    ap.add_argument("-n", type=int, default=3000, help="agent runs to generate (default 3000)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", help="keep the snapshot at this path")
+    args = ap.parse_args(argv)
+    run(args.n, args.seed, args.out)
+    return 0
