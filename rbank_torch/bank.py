@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import threading
 import uuid as _uuid
 from dataclasses import asdict, dataclass, field, fields
@@ -144,7 +146,19 @@ class ReasoningBank:
         >>> bank.search_similar(torch.randn(8), k=3)[0].similarity  # doctest: +SKIP
     """
 
-    def __init__(self, config: ReasoningBankConfig | None = None) -> None:
+    def __init__(
+        self,
+        config: ReasoningBankConfig | None = None,
+        journal: bool | str | os.PathLike | None = None,
+        fsync: str = "always",
+    ) -> None:
+        """Args:
+        config: the bank's configuration (defaults when omitted).
+        journal: ``True`` (``<storage_path>/bank.journal``) or a path: record every acknowledged mutation in
+            a write-ahead journal (see :mod:`rbank_torch.journal`). Records already in that journal are
+            replayed first, so a bank that was never saved is recovered after a crash.
+        fsync: the journal's fsync policy: ``"always"``, ``"batch"`` or ``"off"``.
+        """
         cfg = config if config is not None else ReasoningBankConfig()
         cfg.validate()
         self._config = cfg
@@ -155,6 +169,105 @@ class ReasoningBank:
         self._lock = threading.RLock()
         self._consolidator: Any = None
         self._distiller: Any = None
+        self._journal: Any = None
+        self._depth = 0
+        self._pending_ids: set[int] = set()
+        self._pending_traj: list[tuple[str, list[Trajectory]]] = []
+        if journal:
+            self._attach_journal(journal, fsync, after_seq=0)
+
+    # ------------------------------------------------------------------ journal
+    def _attach_journal(self, journal: bool | str | os.PathLike, fsync: str, after_seq: int) -> None:
+        from .journal import Journal
+
+        path = os.path.join(self._config.storage_path, "bank.journal") if journal is True else os.fspath(journal)
+        j = Journal(path, fsync=fsync)
+        self.replayed_records = self._replay(j, after_seq)
+        self._journal = j
+        self._store._listener = self
+
+    @property
+    def journal(self) -> Any:
+        """The attached :class:`~rbank_torch.journal.Journal`, or None."""
+        return self._journal
+
+    def touched(self, ids) -> None:  # store listener
+        self._pending_ids.update(ids)
+
+    def op_done(self) -> None:  # store listener: a store call made outside a bank operation is done
+        if self._depth == 0:
+            self._commit("store")
+
+    @contextlib.contextmanager
+    def _op(self, name: str):
+        """A bank operation: under the lock; journaled (and acknowledged) when the outermost one ends."""
+        with self._lock:
+            self._depth += 1
+            ok = False
+            try:
+                yield
+                ok = True
+            finally:
+                self._depth -= 1
+                if self._depth == 0 and (ok or self._pending_ids or self._pending_traj):
+                    # also on error: whatever did change in memory is recorded, so memory and journal agree
+                    self._commit(name)
+
+    def _commit(self, name: str) -> None:
+        if self._journal is None:
+            self._pending_ids.clear()
+            self._pending_traj.clear()
+            return
+        ids = sorted(self._pending_ids)
+        traj_ops = self._pending_traj
+        self._pending_ids = set()
+        self._pending_traj = []
+        puts = [p for p in (self._store.get_pattern(i) for i in ids) if p is not None]
+        put_ids = {p.id for p in puts}
+        dels = [i for i in ids if i not in put_ids]
+        tensors, pmeta = _patterns_to_tensors(puts, "p/")
+        meta: dict[str, Any] = {"op": name, "stats": _stats_to_json(self._stats), "patterns": pmeta, "del": dels,
+                                "traj": []}
+        for k, (kind, ts) in enumerate(traj_ops):
+            tt, tm = _trajectories_to_tensors(ts, prefix=f"t{k}/")
+            tensors.update(tt)
+            meta["traj"].append({"kind": kind, "meta": tm})
+        self._journal.append(meta, tensors)
+
+    def _replay(self, journal: Any, after_seq: int) -> int:
+        """Apply the journal's records after ``after_seq``; returns how many were applied."""
+        from .journal import JournalError
+
+        listener, self._store._listener = self._store._listener, None
+        n = 0
+        seq = after_seq
+        try:
+            for seq, meta, tensors in journal.records(after_seq):
+                for k, op in enumerate(meta["traj"]):
+                    ts = _trajectories_from_tensors(tensors, op["meta"], prefix=f"t{k}/")
+                    if op["kind"] == "add":
+                        self._trajectories.extend(ts)
+                    else:
+                        self._trajectories = ts
+                puts = _patterns_from_tensors(tensors, meta["patterns"], "p/")
+                if puts:
+                    self._store._raw_put(puts)
+                if meta["del"]:
+                    self._store.remove_patterns(meta["del"])
+                self._stats = _stats_from_json(meta["stats"])
+                n += 1
+        except JournalError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+            raise JournalError(f"{journal.path}: bad record {seq} ({type(e).__name__}: {e})") from None
+        finally:
+            self._store._listener = listener
+        return n
+
+    def close(self) -> None:
+        """Flush and close the journal (if any)."""
+        if self._journal is not None:
+            self._journal.close()
 
     # ------------------------------------------------------------------ properties
     @property
@@ -219,7 +332,7 @@ class ReasoningBank:
         t = trajectory
         self._validate_trajectory(t)
         pattern = Pattern.from_trajectory(t) if t.quality >= self._config.min_quality_threshold else None
-        with self._lock:
+        with self._op("store_trajectory"):
             s = self._stats
             s.total_trajectories += 1
             if t.verdict.kind is VerdictKind.SUCCESS:
@@ -230,6 +343,7 @@ class ReasoningBank:
                 s.recovered_count += 1
             s.avg_quality += (t.quality - s.avg_quality) / s.total_trajectories
             self._trajectories.append(t)
+            self._pending_traj.append(("add", [t]))
             if len(self._trajectories) > self._config.max_trajectories:
                 try:
                     self.distill()
@@ -258,19 +372,26 @@ class ReasoningBank:
         return self._analyzer.analyze(trajectory)
 
     def record_usage(self, pattern_id: int, successful: bool, quality: float) -> bool:
-        return self._store.record_usage(pattern_id, successful, quality)
+        with self._op("record_usage"):
+            return self._store.record_usage(pattern_id, successful, quality)
 
     def prune_low_quality(self, min_quality: float) -> int:
-        return self._store.prune_low_quality(min_quality)
+        with self._op("prune_low_quality"):
+            return self._store.prune_low_quality(min_quality)
 
     def merge_similar_patterns(self, similarity_threshold: float) -> int:
-        return self._store.merge_similar(similarity_threshold)
+        with self._op("merge_similar"):
+            return self._store.merge_similar(similarity_threshold)
 
     def export_patterns(self) -> list[Pattern]:
         return self._store.get_all_patterns()
 
     def import_patterns(self, patterns: list[Pattern]) -> int:
         """Store every valid pattern (invalid ones are skipped); returns how many were imported."""
+        with self._op("import_patterns"):
+            return self._import(patterns)
+
+    def _import(self, patterns: list[Pattern]) -> int:
         imported = 0
         for p in patterns:
             try:
@@ -293,7 +414,7 @@ class ReasoningBank:
     # ------------------------------------------------------------------ consolidation / distillation
     def consolidate(self) -> ConsolidationResult:
         """Run the consolidator over all patterns: fold merged patterns into their leaders, drop pruned ones."""
-        with self._lock:
+        with self._op("consolidate"):
             cons = self._get_consolidator()
             result = cons.consolidate_store(self._store)
             self._stats.consolidation_count += 1
@@ -303,7 +424,7 @@ class ReasoningBank:
     def distill(self) -> DistillationResult:
         """Distil all kept trajectories: keep their compressed forms (no steps) and store each key lesson
         as a pattern. If distillation fails, it raises and every kept trajectory stays in place."""
-        with self._lock:
+        with self._op("distill"):
             distiller = self._get_distiller()
             kept = list(self._trajectories)
             result = distiller.extract_key_lessons(kept)  # raises → nothing changed
@@ -316,6 +437,7 @@ class ReasoningBank:
             if lessons:
                 self._store.store_patterns(lessons)
             self._trajectories = minimal
+            self._pending_traj = [("set", list(minimal))]
             self._stats.distillation_count += 1
             self._stats.last_distillation = utcnow()
             return result
@@ -343,13 +465,26 @@ class ReasoningBank:
                 "trajectories": traj_meta,
                 "consolidator": cons_meta,
                 "analyses_performed": self._analyzer.stats().analyses_performed,
+                "journal_seq": self._journal.last_seq if self._journal is not None else 0,
             }
             write_snapshot(path, _BANK_FORMAT, tensors, meta)
+            if self._journal is not None:
+                # the snapshot now holds everything journaled so far: start the journal over
+                self._journal.reset(meta["journal_seq"])
 
     @classmethod
-    def load(cls, path: str, **pattern_overrides: Any) -> ReasoningBank:
-        """Load a bank written by :meth:`save`. Raises :class:`~rbank_torch.snapshot.SnapshotError` for a
-        missing, corrupt, foreign or incompatible file; never executes code from it."""
+    def load(
+        cls,
+        path: str,
+        journal: bool | str | os.PathLike | None = None,
+        fsync: str = "always",
+        **pattern_overrides: Any,
+    ) -> ReasoningBank:
+        """Load a bank written by :meth:`save`, then replay the journal (when given) past the snapshot.
+
+        Raises :class:`~rbank_torch.snapshot.SnapshotError` for a missing, corrupt, foreign or incompatible
+        file and :class:`~rbank_torch.journal.JournalError` for a corrupt journal; never executes code from
+        either. A torn last journal record (a crash mid-write) is dropped, never half-applied."""
         from .snapshot import SnapshotError, read_snapshot
 
         tensors, meta = read_snapshot(path, _BANK_FORMAT)
@@ -371,6 +506,8 @@ class ReasoningBank:
             raise
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
             raise SnapshotError(f"{path}: corrupt or incompatible bank snapshot ({type(e).__name__}: {e})") from None
+        if journal:
+            bank._attach_journal(journal, fsync, after_seq=int(meta.get("journal_seq", 0)))
         return bank
 
 
@@ -436,7 +573,9 @@ def _step_to_json(s: TrajectoryStep, ctx: list[torch.Tensor]) -> dict[str, Any]:
     return d
 
 
-def _trajectories_to_tensors(ts: list[Trajectory]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _trajectories_to_tensors(
+    ts: list[Trajectory], prefix: str = "traj/"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     from .snapshot import encode_strings
 
     queries = [t.query_embedding for t in ts]
@@ -465,18 +604,20 @@ def _trajectories_to_tensors(ts: list[Trajectory]) -> tuple[dict[str, torch.Tens
     c_data, c_offs = _flat(ctx)
     j_data, j_offs = encode_strings([json.dumps(docs, ensure_ascii=False, allow_nan=False)])
     tensors = {
-        "traj/query": q_data,
-        "traj/query_offsets": q_offs,
-        "traj/response": r_data,
-        "traj/response_offsets": r_offs,
-        "traj/context": c_data,
-        "traj/context_offsets": c_offs,
-        "traj/json": j_data,
+        prefix + "query": q_data,
+        prefix + "query_offsets": q_offs,
+        prefix + "response": r_data,
+        prefix + "response_offsets": r_offs,
+        prefix + "context": c_data,
+        prefix + "context_offsets": c_offs,
+        prefix + "json": j_data,
     }
     return tensors, {"count": len(ts)}
 
 
-def _trajectories_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> list[Trajectory]:
+def _trajectories_from_tensors(
+    tensors: dict[str, torch.Tensor], meta: dict[str, Any], prefix: str = "traj/"
+) -> list[Trajectory]:
     from .snapshot import SnapshotError
 
     def get(name: str) -> torch.Tensor:
@@ -484,10 +625,10 @@ def _trajectories_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str,
             raise SnapshotError(f"corrupt snapshot: missing tensor {name!r}")
         return tensors[name]
 
-    queries = _unflat(get("traj/query"), get("traj/query_offsets"), "trajectory queries")
-    resp = _unflat(get("traj/response"), get("traj/response_offsets"), "response embeddings")
-    ctx = _unflat(get("traj/context"), get("traj/context_offsets"), "context embeddings")
-    raw = get("traj/json")
+    queries = _unflat(get(prefix + "query"), get(prefix + "query_offsets"), "trajectory queries")
+    resp = _unflat(get(prefix + "response"), get(prefix + "response_offsets"), "response embeddings")
+    ctx = _unflat(get(prefix + "context"), get(prefix + "context_offsets"), "context embeddings")
+    raw = get(prefix + "json")
     if raw.dtype != torch.uint8:
         raise SnapshotError("corrupt snapshot: trajectory table has the wrong dtype")
     try:
@@ -531,4 +672,46 @@ def _trajectories_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str,
         max_id = max(max_id, t.id)
         out.append(t)
     bump_id_counter(max_id)
+    return out
+
+
+# ---------------------------------------------------------------------- pattern (de)serialisation (journal)
+def _patterns_to_tensors(ps: list[Pattern], prefix: str) -> tuple[dict[str, torch.Tensor], list]:
+    if not ps:
+        return {}, []
+    emb = torch.stack([p.embedding.detach().to("cpu", torch.float32) for p in ps])
+    meta = [
+        [p.id, p.uuid, str(p.category), p.confidence, p.usage_count, p.success_count, p.avg_quality,
+         dt_to_us(p.created_at), dt_to_us(p.last_accessed), list(p.source_trajectories), list(p.lessons),
+         list(p.example_actions), list(p.metadata.tags), p.metadata.source, p.metadata.version,
+         dict(p.metadata.attributes)]
+        for p in ps
+    ]
+    return {prefix + "emb": emb}, meta
+
+
+def _patterns_from_tensors(tensors: dict[str, torch.Tensor], meta: list, prefix: str) -> list[Pattern]:
+    from .patterns import PatternMetadata
+
+    if not meta:
+        return []
+    emb = tensors[prefix + "emb"]
+    if emb.dim() != 2 or emb.shape[0] != len(meta):
+        raise ValueError("pattern record: embedding count mismatch")
+    out = []
+    for e, m in zip(emb, meta):
+        (pid, uid, cat, conf, usage, success, avgq, created, last, sources, lessons, actions, tags, source,
+         version, attrs) = m
+        out.append(
+            Pattern(
+                id=int(pid), uuid=str(uid), embedding=e.clone(), category=PatternCategory.parse(cat),
+                confidence=float(conf), usage_count=int(usage), success_count=int(success),
+                avg_quality=float(avgq), source_trajectories=[int(x) for x in sources],
+                lessons=[str(x) for x in lessons], example_actions=[str(x) for x in actions],
+                created_at=us_to_dt(created), last_accessed=us_to_dt(last),
+                metadata=PatternMetadata(tags=[str(x) for x in tags], source=str(source), version=int(version),
+                                         attributes={str(k): str(v) for k, v in attrs.items()}),
+            )
+        )
+    bump_id_counter(max(p.id for p in out))
     return out

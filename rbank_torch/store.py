@@ -11,6 +11,7 @@ Thread safety: every public method takes the store's re-entrant lock; a store ma
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import threading
@@ -311,6 +312,9 @@ class PatternStore:
         self._cat_names: list[str] = list(BUILTIN_CATEGORIES)
         self._total_searches = 0
         self._search_time_ms = 0.0
+        #: observer of mutations (the bank's journal): ``touched(ids)`` and ``op_done()``
+        self._listener: Any = None
+        self._op_depth = 0
         self._alloc(0)
 
     # ------------------------------------------------------------------ columns
@@ -354,6 +358,22 @@ class PatternStore:
 
     def _touch(self) -> None:
         self._cache_version += 1
+
+    def _touched(self, ids: Iterable[int]) -> None:
+        if self._listener is not None:
+            self._listener.touched(ids)
+
+    @contextlib.contextmanager
+    def _mutating(self):
+        """Lock, and tell the listener when the outermost mutating call is done."""
+        with self._lock:
+            self._op_depth += 1
+            try:
+                yield
+            finally:
+                self._op_depth -= 1
+            if self._op_depth == 0 and self._listener is not None:
+                self._listener.op_done()
 
     def _code(self, cat: PatternCategory) -> int:
         code = self._cat_codes.get(cat.name)
@@ -410,9 +430,11 @@ class PatternStore:
         if rows.numel() == 0:
             return
         self._alive[rows] = False
-        for r, pid in zip(rows.tolist(), self._ids[rows].tolist()):
+        killed = self._ids[rows].tolist()
+        for r, pid in zip(rows.tolist(), killed):
             self._row_of.pop(pid, None)
             self._side[r] = None
+        self._touched(killed)
         self._dead += int(rows.numel())
         self._touch()
         if self._dead > self.config.compact_dead_fraction * self._n:
@@ -543,7 +565,7 @@ class PatternStore:
         rows, emb = _prepare([pattern], self.config.embedding_dim, self.config.min_confidence)
         r = rows[0]
         r.emb = emb[0].clone()
-        with self._lock:
+        with self._mutating():
             replacing = r.id in self._row_of or r.id in self._staged
             if not replacing and len(self) + 1 > self.config.max_patterns:
                 self._make_room(1)
@@ -551,6 +573,7 @@ class PatternStore:
                 self._kill_rows(torch.tensor([self._row_of[r.id]], device=self.device))
             self._staged[r.id] = r
             self._touch()
+            self._touched((r.id,))
         return r.id
 
     def store_patterns(self, patterns: Iterable[Pattern]) -> list[int]:
@@ -564,7 +587,7 @@ class PatternStore:
         ids = [r.id for r in rows]
         if len(set(ids)) != len(ids):
             raise ValueError("store_patterns: the batch holds the same pattern id twice")
-        with self._lock:
+        with self._mutating():
             self._flush()
             old = [self._row_of[i] for i in ids if i in self._row_of]
             new_count = len(rows) - len(old)
@@ -574,13 +597,25 @@ class PatternStore:
             if old:
                 self._kill_rows(torch.tensor(sorted(old), dtype=torch.int64, device=self.device))
             self._append(rows, emb)
+            self._touched(ids)
         return ids
+
+    def _raw_put(self, patterns: Sequence[Pattern]) -> None:
+        """Write patterns as they are (replacing same ids), without capacity or confidence rules (replay)."""
+        rows, emb = _prepare(list(patterns), self.config.embedding_dim, 0.0)
+        with self._lock:
+            self._flush()
+            old = sorted(self._row_of[r.id] for r in rows if r.id in self._row_of)
+            if old:
+                self._kill_rows(torch.tensor(old, dtype=torch.int64, device=self.device))
+            self._append(rows, emb)
 
     def remove_pattern(self, pattern_id: int) -> bool:
         """Remove a pattern; returns False when it is not stored."""
-        with self._lock:
+        with self._mutating():
             if self._staged.pop(pattern_id, None) is not None:
                 self._touch()
+                self._touched((pattern_id,))
                 return True
             row = self._row_of.get(pattern_id)
             if row is None:
@@ -590,7 +625,7 @@ class PatternStore:
 
     def remove_patterns(self, pattern_ids: Iterable[int]) -> int:
         """Remove many patterns; returns how many were stored."""
-        with self._lock:
+        with self._mutating():
             self._flush()
             rows = sorted({self._row_of[i] for i in pattern_ids if i in self._row_of})
             self._kill_rows(torch.tensor(rows, dtype=torch.int64, device=self.device))
@@ -599,11 +634,12 @@ class PatternStore:
     def record_usage(self, pattern_id: int, successful: bool, quality: float) -> bool:
         """Record one use of a pattern (SPEC ``Pattern.record_usage``); returns False when not stored."""
         q = check_unit(quality, "quality")
-        with self._lock:
+        with self._mutating():
             self._flush()
             row = self._row_of.get(pattern_id)
             if row is None:
                 return False
+            self._touched((pattern_id,))
             u = int(self._usage[row]) + 1
             self._usage[row] = u
             if successful:
@@ -617,7 +653,7 @@ class PatternStore:
     def prune_low_quality(self, min_quality: float) -> int:
         """Remove patterns with avg_quality < min_quality **and** usage_count < prune_threshold."""
         mq = check_unit(min_quality, "min_quality")
-        with self._lock:
+        with self._mutating():
             self._flush()
             n = self._n
             mask = self._alive[:n] & (self._avgq[:n] < mq) & (self._usage[:n] < self.config.prune_threshold)
@@ -632,7 +668,7 @@ class PatternStore:
         thr = float(threshold)
         if not math.isfinite(thr):
             raise ValueError(f"threshold must be finite, got {threshold!r}")
-        with self._lock:
+        with self._mutating():
             self._flush()
             rows, leader = self._leaders(thr, by_category=False)
             return self._fold(rows, leader)
@@ -711,6 +747,7 @@ class PatternStore:
             self._success[uniq] = acc_s
             self._conf[uniq] = acc_c
             self._last[uniq] = now_us
+            self._touched(self._ids[uniq].tolist())
         dead = torch.sort(rows[absorbed_pos]).values.to(self.device)
         self._touch()
         self._kill_rows(dead)
