@@ -7,7 +7,7 @@ distillation of key lessons, all on PyTorch tensors (CPU or CUDA).
 from __future__ import annotations
 
 from importlib import import_module
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
@@ -59,11 +59,55 @@ _EXPORTS = {
     "ReasoningBankConfig": "bank",
     "ReasoningBankStats": "bank",
     "ReasoningBank": "bank",
-    # snapshots
+    # snapshots and journal
     "SnapshotError": "snapshot",
+    "JournalError": "journal",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
+
+if TYPE_CHECKING:  # static type checkers see the real names
+    from .bank import ReasoningBank, ReasoningBankConfig, ReasoningBankStats
+    from .consolidation import (
+        ConsolidationConfig,
+        ConsolidationResult,
+        FisherInformation,
+        ImportanceScore,
+        PatternConsolidator,
+        cluster_patterns,
+    )
+    from .distillation import (
+        CompressedTrajectory,
+        DistillationConfig,
+        DistillationResult,
+        KeyLesson,
+        MemoryDistiller,
+        TrajectorySummary,
+    )
+    from .ewc import EWCPlusPlus
+    from .journal import JournalError
+    from .patterns import Pattern, PatternCategory, PatternMetadata, PatternSearchResult
+    from .snapshot import SnapshotError
+    from .store import LowConfidenceError, PatternStats, PatternStore, PatternStoreConfig
+    from .trajectory import (
+        StepMetadata,
+        StepOutcome,
+        StepOutcomeKind,
+        Trajectory,
+        TrajectoryMetadata,
+        TrajectoryRecorder,
+        TrajectoryStep,
+    )
+    from .verdicts import (
+        FailurePattern,
+        ReasoningErrorType,
+        RecoveryStrategy,
+        RootCause,
+        Verdict,
+        VerdictAnalysis,
+        VerdictAnalyzer,
+        VerdictKind,
+    )
 
 
 def __getattr__(name: str) -> Any:
