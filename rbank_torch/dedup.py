@@ -232,7 +232,11 @@ def _jaccard_pairs(
         ``(later, earlier, jaccard)``: ``[M]`` int64, int64, float64, sorted by (later, earlier).
     """
     lesson, group_start, within = tok.prefix_postings(t) if postings is None else postings
-    entries = np.flatnonzero(within > 0) if query_mask is None else np.flatnonzero((within > 0) & query_mask[lesson])
+    entries = (
+        np.flatnonzero(within > 0)
+        if query_mask is None
+        else np.flatnonzero((within > 0) & query_mask[lesson])
+    )
     out_l: list[np.ndarray] = []
     out_e: list[np.ndarray] = []
     out_j: list[np.ndarray] = []
@@ -295,7 +299,9 @@ class _Embeddings:
             ia, ib = ta[s : s + step], tb[s : s + step]
             dot = (self.e64[ia] * self.e64[ib]).sum(dim=1)
             den = self.norm[ia] * self.norm[ib]
-            c = torch.where(den > 0, dot / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(dot))
+            c = torch.where(
+                den > 0, dot / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(dot)
+            )
             out[s : s + step] = c.clamp(-1.0, 1.0).numpy()
         return out
 
@@ -366,7 +372,9 @@ def _scan(
     pe = p_earlier.tolist()
     pj = p_jac.tolist()
     kept_l = kept  # numpy bool array, indexed with Python ints
-    for r, ts, tend, ps, pend in zip(rows.tolist(), t_start.tolist(), t_end.tolist(), p_start.tolist(), p_end.tolist()):
+    for r, ts, tend, ps, pend in zip(
+        rows.tolist(), t_start.tolist(), t_end.tolist(), p_start.tolist(), p_end.tolist()
+    ):
         dup = False
         for k in te[ts:tend]:
             if kept_l[k]:
@@ -412,7 +420,9 @@ def _check_inputs(
         else:
             raise ValueError(f"embeddings must be 2-D [N, D], got shape {tuple(embeddings.shape)}")
     if embeddings.shape[0] != len(texts):
-        raise ValueError(f"embeddings must have one row per text: {embeddings.shape[0]} rows, {len(texts)} texts")
+        raise ValueError(
+            f"embeddings must have one row per text: {embeddings.shape[0]} rows, {len(texts)} texts"
+        )
     if embeddings.shape[0] and not bool(torch.isfinite(embeddings).all()):
         raise ValueError("embeddings must hold finite values (found NaN or inf)")
     vals = []
@@ -521,19 +531,27 @@ def _gemm_dedup(
         bsz = int(min(4096, max(64, (1 << 23) // max(n_kept + 1, 1))))
         b = min(n, a + bsz)
         blk = unit[a:b]  # [B, D]
-        cols_ids = np.concatenate([kept_ids[:n_kept], np.arange(a, b, dtype=np.int64)])  # [C]
-        cols = torch.cat([kept_buf[:n_kept], blk]) if n_kept else blk  # [C, D]
-        sims = blk @ cols.T  # [B, C]
-        cand = sims > c_cut if c_cut > -1.0 - margin else torch.ones_like(sims, dtype=torch.bool)
-        fr_rows = frag[a:b]
-        if bool(fr_rows.any()):
-            cand[fr_rows] = True
-        fr_cols = frag[torch.from_numpy(cols_ids)]
-        if bool(fr_cols.any()):
-            cand[:, fr_cols] = True
-        ri, ci = torch.nonzero(cand, as_tuple=True)
-        later = ri.numpy().astype(np.int64) + a
-        earlier = cols_ids[ci.numpy()]
+        later_parts: list[np.ndarray] = []
+        earlier_parts: list[np.ndarray] = []
+        for cols_ids, cols in (
+            (kept_ids[:n_kept], kept_buf[:n_kept]),  # [K] ids, [K, D] unit rows of the kept lessons
+            (np.arange(a, b, dtype=np.int64), blk),  # the block itself
+        ):
+            if cols_ids.shape[0] == 0:
+                continue
+            sims = blk @ cols.T  # [B, C]
+            cand = sims > c_cut if c_cut > -1.0 - margin else torch.ones_like(sims, dtype=torch.bool)
+            fr_rows = frag[a:b]
+            if bool(fr_rows.any()):
+                cand[fr_rows] = True
+            fr_cols = frag[torch.from_numpy(cols_ids)]
+            if bool(fr_cols.any()):
+                cand[:, fr_cols] = True
+            ri, ci = torch.nonzero(cand, as_tuple=True)
+            later_parts.append(ri.numpy().astype(np.int64) + a)
+            earlier_parts.append(cols_ids[ci.numpy()])
+        later = np.concatenate(later_parts)
+        earlier = np.concatenate(earlier_parts)
         keep = earlier < later
         later, earlier = later[keep], earlier[keep]
         inter = tok.intersections(later, earlier)

@@ -64,7 +64,11 @@ def random_lessons(rng: random.Random, n: int, dim: int):
         if texts and r < 0.25:
             j = rng.randrange(len(texts))
             t = texts[j] if rng.random() < 0.5 else texts[j].upper()
-            e = embs[j] * rng.choice([1.0, 2.0, 0.5]) if rng.random() < 0.7 else embs[j] + 0.01 * torch.randn(dim)
+            e = (
+                embs[j] * rng.choice([1.0, 2.0, 0.5])
+                if rng.random() < 0.7
+                else embs[j] + 0.01 * torch.randn(dim)
+            )
         else:
             k = rng.randrange(0, 6)
             t = " ".join(rng.choice(WORDS) for _ in range(k))
@@ -79,7 +83,10 @@ def random_lessons(rng: random.Random, n: int, dim: int):
 
 def run_all_methods(texts, emb, thr, **w):
     wc = w.get("w_cosine", 0.4)
-    out = {"auto": greedy_dedup(texts, emb, thr, **w), "gemm": greedy_dedup(texts, emb, thr, method="gemm", **w)}
+    out = {
+        "auto": greedy_dedup(texts, emb, thr, **w),
+        "gemm": greedy_dedup(texts, emb, thr, method="gemm", **w),
+    }
     if thr > wc + 1e-6 and w.get("w_jaccard", 0.6) > 0:
         out["jaccard"] = greedy_dedup(texts, emb, thr, method="jaccard", **w)
     return out
@@ -145,7 +152,11 @@ def test_exact_threshold_is_not_a_duplicate_and_next_float_below_is():
     emb = torch.tensor([[1.0, 2.0, 3.0], [2.0, 4.0, 6.0]])
     s = similarity_of_record(texts[0], texts[1], emb[0], emb[1])
     assert s == 0.6 * 0.75 + 0.4 * cosine_of_record(emb[0], emb[1])
-    for thr, expect in ((s, [0, 1]), (math.nextafter(s, -math.inf), [0, 0]), (math.nextafter(s, math.inf), [0, 1])):
+    for thr, expect in (
+        (s, [0, 1]),
+        (math.nextafter(s, -math.inf), [0, 0]),
+        (math.nextafter(s, math.inf), [0, 1]),
+    ):
         assert oracle_dedup(texts, emb, thr) == expect
         for method, got in run_all_methods(texts, emb, thr).items():
             assert got.tolist() == expect, (method, thr)
