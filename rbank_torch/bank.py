@@ -6,7 +6,6 @@ import contextlib
 import json
 import logging
 import os
-import threading
 import uuid as _uuid
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
@@ -166,7 +165,9 @@ class ReasoningBank:
         self._analyzer = VerdictAnalyzer()
         self._trajectories: list[Trajectory] = []
         self._stats = ReasoningBankStats()
-        self._lock = threading.RLock()
+        # one re-entrant lock for the bank and its store: a direct store call (``bank.store.…``), a bank
+        # operation and save() never interleave, so the journal holds every mutation in the order it happened
+        self._lock = self._store._lock
         self._consolidator: Any = None
         self._distiller: Any = None
         self._journal: Any = None
@@ -178,10 +179,20 @@ class ReasoningBank:
 
     # ------------------------------------------------------------------ journal
     def _attach_journal(self, journal: bool | str | os.PathLike, fsync: str, after_seq: int) -> None:
-        from .journal import Journal
+        from .journal import Journal, JournalError
 
         path = os.path.join(self._config.storage_path, "bank.journal") if journal is True else os.fspath(journal)
         j = Journal(path, fsync=fsync)
+        base = j._base_seq()
+        if base > after_seq:
+            j.close()
+            raise JournalError(
+                f"{path}: this journal continues a snapshot taken at record {base}, but the bank starts at record "
+                f"{after_seq}: the records in between are missing (load the newer snapshot with this journal)"
+            )
+        if j.last_seq < after_seq:
+            # every record in it is already in the snapshot: number new records after the snapshot's
+            j.reset(after_seq)
         self.replayed_records = self._replay(j, after_seq)
         self._journal = j
         self._store._listener = self
@@ -242,7 +253,8 @@ class ReasoningBank:
         n = 0
         seq = after_seq
         try:
-            for seq, meta, tensors in journal.records(after_seq):
+            for rec_seq, meta, tensors in journal.records(after_seq):
+                seq = rec_seq
                 for k, op in enumerate(meta["traj"]):
                     ts = _trajectories_from_tensors(tensors, op["meta"], prefix=f"t{k}/")
                     if op["kind"] == "add":
@@ -496,6 +508,7 @@ class ReasoningBank:
             bank._store = PatternStore.from_state_tensors(
                 tensors, meta["store"], prefix="patterns/", device=cfg.device
             )
+            bank._lock = bank._store._lock
             bank._trajectories = _trajectories_from_tensors(tensors, meta["trajectories"])
             bank._stats = _stats_from_json(meta["stats"])
             bank._analyzer._analyses = int(meta.get("analyses_performed", 0))

@@ -43,6 +43,7 @@ _DTYPES = {
     "float64": torch.float64,
 }
 _NEG_INF = float("-inf")
+_F32_MAX = torch.finfo(torch.float32).max
 
 
 class LowConfidenceError(ValueError):
@@ -79,8 +80,11 @@ class PatternStoreConfig:
     device: str = "cpu"
     #: dtype of the embedding column ("float32", "float16", "bfloat16", "float64")
     dtype: str = "float32"
-    #: search backend ("exact")
-    backend: str = "exact"
+    #: search backend: "auto" (exact on CUDA and for small stores, HNSW / IVF on CPU past measured sizes),
+    #: "exact", "faiss-hnsw", "faiss-ivf" or "faiss-flat" (see rbank_torch.backends and docs/search.md)
+    backend: str = "auto"
+    #: tuning of the approximate backends (dict of rbank_torch.backends.BackendOptions fields), None: defaults
+    backend_options: dict[str, Any] | None = None
     #: rows of the embedding matrix scored per GEMM block in exact search (bounds peak memory)
     search_block_rows: int = 65_536
     #: compact when dead rows exceed this fraction of the rows
@@ -101,8 +105,9 @@ class PatternStoreConfig:
             raise ValueError(f"max_unused_age_secs must be > 0, got {self.max_unused_age_secs!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {self.dtype!r}")
-        if self.backend not in ("exact",):
-            raise ValueError(f"backend must be 'exact', got {self.backend!r}")
+        from .backends import validate_backend
+
+        validate_backend(self.backend, self.backend_options)
         if not 0.0 < float(self.compact_dead_fraction) <= 1.0:
             raise ValueError(f"compact_dead_fraction must be in (0, 1], got {self.compact_dead_fraction!r}")
         try:
@@ -316,6 +321,9 @@ class PatternStore:
         self._listener: Any = None
         self._op_depth = 0
         self._alloc(0)
+        from .backends import make_backend
+
+        self._backend = make_backend(self)
 
     # ------------------------------------------------------------------ columns
     def _alloc(self, cap: int) -> None:
@@ -418,6 +426,7 @@ class PatternStore:
             row_of[r.id] = a + i
         self._n = b
         self._touch()
+        self._backend.on_append(a, b)
 
     def _flush(self) -> None:
         if self._staged:
@@ -437,6 +446,7 @@ class PatternStore:
         self._touched(killed)
         self._dead += int(rows.numel())
         self._touch()
+        self._backend.on_kill(rows)
         if self._dead > self.config.compact_dead_fraction * self._n:
             self._compact()
 
@@ -456,6 +466,7 @@ class PatternStore:
         self._n = m
         self._dead = 0
         self._touch()
+        self._backend.on_compact(keep)
 
     def compact(self) -> None:
         """Drop dead rows now (also done automatically past ``compact_dead_fraction``)."""
@@ -742,6 +753,7 @@ class PatternStore:
             new_e = acc_e / acc_u[:, None]
             self._emb[uniq] = new_e.to(self.dtype)
             self._norm[uniq] = torch.linalg.vector_norm(new_e.float(), dim=1)
+            self._backend.on_change(uniq)
             self._avgq[uniq] = acc_q / acc_u
             self._usage[uniq] = acc_u.round().to(torch.int64)
             self._success[uniq] = acc_s
@@ -837,6 +849,8 @@ class PatternStore:
         scale, bias = self._scores_prep()
         block = self.config.search_block_rows
         E = self._emb
+        # inf − inf (euclidean) is "infinitely far"; inf·0 (cosine, dot) counts as no similarity
+        nan_score = -_F32_MAX if self.config.distance_metric == "euclidean" else 0.0
         best_s: torch.Tensor | None = None
         best_r: torch.Tensor | None = None
         for a in range(0, n, block):
@@ -845,6 +859,10 @@ class PatternStore:
             if s.dtype != torch.float32:
                 s = s.float()
             s.mul_(scale[a:b]).add_(bias[a:b])
+            # products of huge finite values overflow to inf/NaN (NaN would outrank every row in topk):
+            # live rows keep a finite score, dead rows −inf, so "finite" still means "live" below
+            torch.nan_to_num_(s, nan=nan_score, posinf=_F32_MAX, neginf=-_F32_MAX)
+            s.masked_fill_(~self._alive[a:b], _NEG_INF)
             ts, ti = torch.topk(s, min(kk, b - a), dim=1)
             ti += a
             if best_s is None:
@@ -888,14 +906,20 @@ class PatternStore:
         with self._lock:
             self._flush()
             qp, qsq = self._prepare_queries(q)
-            s, r = self._search_rows(qp, k)
-            ids = torch.where(torch.isfinite(s), self._ids[r] if r.numel() else r, torch.full_like(r, -1))
-            s = self._finish_scores(s, qsq)
-            B = q.shape[0]
-            if s.shape[1] < k:
-                pad = k - s.shape[1]
-                s = torch.cat([s, torch.full((B, pad), _NEG_INF, device=self.device)], dim=1)
-                ids = torch.cat([ids, torch.full((B, pad), -1, dtype=torch.int64, device=self.device)], dim=1)
+            plan = self._backend.begin_search(qp, qsq, k)
+            if plan is None:
+                s, r = self._search_rows(qp, k)
+                ids = torch.where(torch.isfinite(s), self._ids[r] if r.numel() else r, torch.full_like(r, -1))
+        if plan is not None:
+            # approximate backend: the index search runs outside the store lock (unless the caller holds it)
+            s, ids = plan.run()
+        s = self._finish_scores(s, qsq)
+        B = q.shape[0]
+        if s.shape[1] < k:
+            pad = k - s.shape[1]
+            s = torch.cat([s, torch.full((B, pad), _NEG_INF, device=self.device)], dim=1)
+            ids = torch.cat([ids, torch.full((B, pad), -1, dtype=torch.int64, device=self.device)], dim=1)
+        with self._lock:
             self._total_searches += B
             self._search_time_ms += (time.perf_counter() - t0) * 1000.0
         return s, ids
@@ -910,6 +934,11 @@ class PatternStore:
             rows = [self._row_of[i] for i in ids_l if i >= 0]
             pats = self._patterns_at(rows)
         return [PatternSearchResult(p, s, r) for r, (p, s) in enumerate(zip(pats, sims_l))]
+
+    @property
+    def search_backend(self) -> Any:
+        """The search backend object (:mod:`rbank_torch.backends`): ``active_kind``, ``stats()``, ``wait()``."""
+        return self._backend
 
     def stats(self) -> PatternStats:
         with self._lock:
@@ -984,6 +1013,11 @@ class PatternStore:
                 "search_time_ms": self._search_time_ms,
                 "count": len(rl),
             }
+            # the approximate search index, labels mapped to positions of this saved order
+            ann_t, ann_meta = self._backend.state_tensors(prefix, rows)
+            if ann_meta:
+                t.update(ann_t)
+                meta["ann"] = ann_meta
             return t, meta
 
     @classmethod
@@ -1054,6 +1088,7 @@ class PatternStore:
         if count:
             bump_id_counter(int(cols["id"].max()))
         store._touch()
+        store._backend.load_state(tensors, meta.get("ann"), prefix)
         return store
 
     def save(self, path: str | None = None) -> None:

@@ -7,7 +7,14 @@ from datetime import timedelta
 import pytest
 import torch
 
-from rbank_torch import LowConfidenceError, Pattern, PatternCategory, PatternStore, PatternStoreConfig, SnapshotError
+from rbank_torch import (
+    LowConfidenceError,
+    Pattern,
+    PatternCategory,
+    PatternStore,
+    PatternStoreConfig,
+    SnapshotError,
+)
 from rbank_torch._util import utcnow
 
 D = 16
