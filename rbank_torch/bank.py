@@ -316,7 +316,7 @@ class ReasoningBank:
                 raise NotImplementedError(
                     "consolidate() needs rbank_torch.consolidation.PatternConsolidator, which is not available"
                 ) from e
-            self._consolidator = PatternConsolidator(self._config.consolidation_config)
+            self._consolidator = PatternConsolidator(self._config.consolidation_config, device=self._store.device)
         return self._consolidator
 
     # ------------------------------------------------------------------ trajectories
