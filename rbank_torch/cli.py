@@ -259,6 +259,17 @@ def _model_folder(name: str | None) -> Path | None:
     return p if p.is_dir() else None
 
 
+def _quiet_hf() -> None:
+    """Silence the model-loading progress bars of huggingface_hub and transformers (``--quiet``)."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 class _LazyEmbedder:
     """``embed(texts) -> [n, D]`` that loads :class:`~rbank_torch.text.TextEmbedder` on its first call."""
 
@@ -278,6 +289,8 @@ class _LazyEmbedder:
         if self._e is None:
             t0 = time.perf_counter()
             self.out.note(f"loading text model {self.model or DEFAULT_MODEL} …")
+            if self.out.quiet:
+                _quiet_hf()
             try:
                 from .text import TextEmbedder
 
@@ -880,6 +893,12 @@ def compressed_to_json(ct: Any, row: int) -> dict[str, Any]:
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
+    # --- torchrun: several ranks share the work (rbank_torch.distributed.cli_distill) ---
+    from .distributed import cli_distill, launched_by_torchrun
+
+    if launched_by_torchrun():
+        return cli_distill(args)
+    # --- end of the torchrun branch ---
     import numpy as np
     import torch
 
