@@ -88,6 +88,7 @@ class _Group:
     theta_star: FlatBuffer
     tasks: list[tuple[FlatBuffer, FlatBuffer]] = field(default_factory=list)
     const: torch.Tensor | None = None  # multi_task: Σ_t Σ F_t (θ*_t − θ*)², 0-dim
+    work: FlatBuffer | None = None  # parameter-dtype scratch when fdtype != pdtype (CPU penalty gradient)
 
 
 class _Penalty(torch.autograd.Function):
@@ -249,6 +250,8 @@ class EWCPlusPlus:
         self._pen_weighted: list[torch.Tensor] | None = None
         self._add_records: list[tuple[torch.Tensor, int]] | None = None
         self._add_count = 0
+        # CPU: read the non-finite flag on the host and update F in place (see update_fisher)
+        self._host_select = True
         self._opt_cache: weakref.WeakKeyDictionary[torch.optim.Optimizer, bool] = weakref.WeakKeyDictionary()
         self._groups: list[_Group] = []
         self._meta: list[tuple[torch.device, torch.dtype, torch.Size]] = []
@@ -516,12 +519,15 @@ class EWCPlusPlus:
         flags: list[torch.Tensor] = []
         task_grads_all: list[torch.Tensor | None] = [None] * len(self._params)
         active: list[_Group] = []
+        host_work: list[tuple[_Group, list[int], list[torch.Tensor]]] = []
         for g in self._groups:
             present = [j for j, i in enumerate(g.idx) if grads[i] is not None]
             if not present:
                 continue
             active.append(g)
-            torch.mul(g.fisher.flat, decay, out=g.scratch.flat)  # [M]
+            host = self._host_select and g.device.type == "cpu"
+            if not host:
+                torch.mul(g.fisher.flat, decay, out=g.scratch.flat)  # [M]
             gs = [grads[g.idx[j]] for j in present]
             if coef is not None:
                 if self._pen_weighted is not None:  # F*·(θ − θ*) handed over by the penalty (ours to reuse)
@@ -536,13 +542,20 @@ class EWCPlusPlus:
                     torch._foreach_mul_(tg, -coef * self._lambda)
                 torch._foreach_add_(tg, gs)
                 gs = tg
+            for j, t in zip(present, gs):
+                task_grads_all[g.idx[j]] = t
+            if host:
+                # NOTE: on CPU the flag is read on the host (there is no device to wait for) and F is
+                # updated in place when finite: 7 passes over memory instead of 10 for scratch + where.
+                norms = torch._foreach_norm(gs, 2, dtype=torch.promote_types(torch.float32, g.pdtype))
+                flags.append(torch.isfinite(torch.stack(norms).sum()).to(self._primary))
+                host_work.append((g, present, gs))
+                continue
             sv = [g.scratch.views[j] for j in present]
             torch._foreach_addcmul_(sv, gs, gs, value=1.0 - decay)
             if len(present) != len(g.idx):
                 missing = [j for j in range(len(g.idx)) if grads[g.idx[j]] is None]
                 torch._foreach_copy_([g.scratch.views[j] for j in missing], [g.fisher.views[j] for j in missing])
-            for j, t in zip(present, gs):
-                task_grads_all[g.idx[j]] = t
             flags.append(torch.isfinite(g.scratch.flat.sum(dtype=torch.float32)).to(self._primary))
         self.reset_penalty_tracking()
         if not flags:
@@ -560,8 +573,19 @@ class EWCPlusPlus:
             ok = packed[-1] == 0
             if norms is not None:
                 norms = packed[:-1]
+        host_groups = {id(g) for g, _, _ in host_work}
         for g in active:
-            torch.where(ok.to(g.device), g.scratch.flat, g.fisher.flat, out=g.fisher.flat)
+            if id(g) not in host_groups:
+                torch.where(ok.to(g.device), g.scratch.flat, g.fisher.flat, out=g.fisher.flat)
+        if host_work and bool(ok):
+            for g, present, gs in host_work:
+                if len(present) == len(g.idx):
+                    g.fisher.flat.mul_(decay)
+                    fv = g.fisher.views
+                else:
+                    fv = [g.fisher.views[j] for j in present]
+                    torch._foreach_mul_(fv, decay)
+                torch._foreach_addcmul_(fv, gs, gs, value=1.0 - decay)
         self._updates.add_(ok.to(torch.int64))
         self._since_reset.add_(ok.to(torch.int64))
         self._skipped.add_((~ok).to(torch.int64))
@@ -690,11 +714,27 @@ class EWCPlusPlus:
         for g in self._groups:
             gs = [grads[i] for i in g.idx]
             ps = [_local(self._params[i]) for i in g.idx]
-            diff = torch._foreach_sub(ps, g.theta_star.views)
+            if g.device.type == "cpu":
+                # NOTE: a fresh [M] buffer per call costs page faults on CPU (measured: 15 ms vs 6 ms for
+                # 10 M parameters); the scratch buffer is free between Fisher updates.
+                work = self._work_buffer(g)
+                torch._foreach_copy_(work.views, ps)
+                work.flat.sub_(g.theta_star.flat)
+                diff = work.views
+            else:  # the caching allocator makes the temporary cheap; one fused op fewer
+                diff = torch._foreach_sub(ps, g.theta_star.views)
             torch._foreach_addcmul_(gs, diff, g.fisher_star.views, value=lam)
         prev_valid = self._add_records is not None and self._records_valid()
         self._add_count = (self._add_count if prev_valid else 0) + 1
         self._add_records = [(t, t._version) for t in grads]
+
+    def _work_buffer(self, g: _Group) -> FlatBuffer:
+        """A parameter-dtype buffer shaped like the group: the Fisher scratch when dtypes agree."""
+        if g.fdtype == g.pdtype:
+            return g.scratch
+        if g.work is None:
+            g.work = FlatBuffer.zeros(g.shapes, dtype=g.pdtype, device=g.device)
+        return g.work
 
     @torch.no_grad()
     def apply_constraint_(self) -> None:

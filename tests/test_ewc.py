@@ -548,3 +548,37 @@ def test_argument_validation() -> None:
         EWCPlusPlus([("a", p), ("a", p)])
     with pytest.raises(ValueError, match="does not require grad"):
         EWCPlusPlus({"a": torch.zeros(2)})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_host_path_matches_device_select_path(dtype: torch.dtype) -> None:
+    """The CPU fast path (host flag, in-place F) and the sync-free path (scratch + where) agree exactly."""
+    results = []
+    for host in (True, False):
+        m = _mlp(dtype=dtype)
+        x, y = _data()
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        ewc = EWCPlusPlus(m, lambda_=30.0, decay=0.8, fisher_dtype=torch.float32)
+        ewc._host_select = host
+        for step in range(8):
+            if step == 3:
+                ewc.consolidate()
+            opt.zero_grad()
+            xb, yb = _batch(x, y, step)
+            F_.cross_entropy(m(xb.to(dtype)), yb).backward()
+            if step == 5:
+                m[0].weight.grad[1, 2] = float("nan")
+            if step == 6:
+                m[2].bias.grad = None
+            ewc.update_fisher()
+            ewc.add_penalty_grad_()
+            if step != 5:
+                opt.step()
+        results.append((_clone(ewc.fisher), [p.detach().clone() for p in m.parameters()], int(ewc.skipped_steps)))
+    (f_host, p_host, s_host), (f_dev, p_dev, s_dev) = results
+    assert s_host == s_dev == 1
+    for k in f_host:
+        assert f_host[k].dtype == torch.float32
+        assert torch.equal(f_host[k], f_dev[k]), k
+    for a, b in zip(p_host, p_dev):
+        assert torch.equal(a, b)
