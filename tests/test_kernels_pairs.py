@@ -518,3 +518,15 @@ def test_leader_scan_property(n: int, edges: list[tuple[int, int]], mask: list[b
 def test_leader_scan_invalid(n: int, pairs: torch.Tensor, eligible, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         leader_scan(n, pairs, eligible)
+
+
+@needs_triton
+def test_triton_large_odd_size_matches_torch(interpret: None) -> None:
+    """N = 4097 (one row past a power of two) with large tiles so the interpreter stays quick."""
+    n = 4097
+    emb = clustered(n, 4, seed=11, n_clusters=600)
+    cats = (torch.arange(n) * 7919) % 2
+    ref = torch_pairs_above(emb, 0.99, cats, block_size=256)
+    tri = triton_pairs_above(emb, 0.99, cats, block_size=1024)
+    assert ref.shape[0] > 1000
+    assert torch.equal(tri, ref)
