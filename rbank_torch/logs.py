@@ -567,6 +567,7 @@ class _ChunkBuilder:
         self.stats = stats
         self.on_error = on_error
         self.embed = embed
+        self.building = False
         self.reset()
 
     def reset(self) -> None:
@@ -580,14 +581,25 @@ class _ChunkBuilder:
         self.lists: list[list] = []
         self.nbytes = 0
         self.now = utcnow()
+        self.pending_errors: list[LogFormatError] = []
 
     def bad(self, line: int, field: str | None, reason: str) -> None:
         err = LogFormatError(self.path, line, field, reason)
         if not self.skip_bad:
+            if self.trajs and not self.building:
+                # earlier lines of the chunk are only checked numerically in build(): the first bad line
+                # of the file must win, so check them before stopping here
+                self.build()
             raise err
-        self.stats.record_error(err)
-        if self.on_error is not None:
-            self.on_error(err)
+        # reported in line order when the chunk is built (embeddings are checked per chunk)
+        self.pending_errors.append(err)
+
+    def _flush_errors(self) -> None:
+        for err in sorted(self.pending_errors, key=lambda e: e.line):
+            self.stats.record_error(err)
+            if self.on_error is not None:
+                self.on_error(err)
+        self.pending_errors = []
 
     def add(self, line: int, obj: Any, seg: bytes | None, seg_count: int) -> None:
         try:
@@ -656,9 +668,17 @@ class _ChunkBuilder:
         return out
 
     def build(self) -> LogBatch | None:
+        self.building = True
+        try:
+            return self._build()
+        finally:
+            self.building = False
+
+    def _build(self) -> LogBatch | None:
         n = len(self.trajs)
         if n == 0:
             nb = self.nbytes
+            self._flush_errors()
             self.reset()
             self.stats.bytes_read += nb
             return None
@@ -718,6 +738,7 @@ class _ChunkBuilder:
         batch = LogBatch(self.path, trajs, lines, queries, tensor, self.nbytes)
         self.stats.records += len(trajs)
         self.stats.bytes_read += self.nbytes
+        self._flush_errors()
         self.reset()
         return batch if trajs else None
 
