@@ -81,6 +81,11 @@ __all__ = [
     "distill_distributed",
     "distill_files",
     "count_lines",
+    "count_log_records",
+    "iter_log_range",
+    "read_log_range",
+    "launched_by_torchrun",
+    "cli_distill",
     "split_records",
     "write_distilled",
     "read_distilled",
@@ -739,16 +744,14 @@ def split_records(counts: Sequence[int], world_size: int) -> list[list[tuple[int
 
 
 def _default_reader() -> tuple[ReadChunks, CountRecords]:
+    """``rbank_torch.logs.read_chunks``/``count_records`` when that module has them, else this module's
+    :func:`read_log_range` and :func:`count_log_records` (JSONL, ``.jsonl.gz`` and Parquet logs)."""
     try:
-        from . import logs  # type: ignore[attr-defined]
-    except ImportError:
-        raise ValueError(
-            "no trajectory log reader is available: pass read_chunks=(path, start_line, end_line) -> chunks"
-        ) from None
-    read = getattr(logs, "read_chunks", None)
-    if read is None:
-        raise ValueError("rbank_torch.logs has no read_chunks(path, start_line, end_line); pass read_chunks=")
-    count = getattr(logs, "count_records", None) or count_lines
+        from . import logs
+    except ImportError:  # pragma: no cover - the package always has it
+        return read_log_range, count_log_records
+    read = getattr(logs, "read_chunks", None) or read_log_range
+    count = getattr(logs, "count_records", None) or count_log_records
     return read, count
 
 
@@ -778,9 +781,10 @@ def distill_files(
         out_dir: output folder written by rank 0, or None.
         config: distillation settings (default :class:`DistillationConfig`).
         read_chunks: ``(path, start_line, end_line) -> iterable of trajectory chunks`` for records
-            ``[start_line, end_line)`` (0-based, end exclusive); default ``rbank_torch.logs.read_chunks``.
+            ``[start_line, end_line)`` (0-based, end exclusive); default :func:`read_log_range` (JSONL, ``.gz``,
+            Parquet; records without ``query_embedding`` are bad lines there: use the command line for text).
         count_records: ``path -> number of records`` in the numbering of ``read_chunks``; default
-            ``rbank_torch.logs.count_records`` if present, else :func:`count_lines`.
+            :func:`count_log_records` with the default reader, else :func:`count_lines`.
         backend, timeout_s: for a process group created here.
         group: process group to use instead of the default one.
 
@@ -994,6 +998,370 @@ def read_distilled(out_dir: str | os.PathLike) -> DistillationResult:
         )
     except (KeyError, IndexError, TypeError, ValueError) as e:
         raise SnapshotError(f"{path}: corrupt distillation result ({e})") from None
+
+
+# -- log ranges and the ``rbank distill`` command under torchrun ----------------------------------------
+
+
+def count_log_records(path: str | os.PathLike) -> int:
+    """Records of a trajectory log in the numbering of :func:`read_log_range`: physical lines of a JSONL file
+    (``.gz`` decompressed; a last line without a newline counts, blank lines count), rows of a Parquet file."""
+    from . import logs as L
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such log file")
+    if L.log_kind(p) == "parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise L.MissingExtraError(f"{p}: reading Parquet logs needs pyarrow") from None
+        return int(pq.ParquetFile(str(p)).metadata.num_rows)
+    n = 0
+    last = b"\n"
+    with L._open_text(p) as f:
+        while True:
+            buf = f.read(1 << 20)
+            if not buf:
+                break
+            n += buf.count(b"\n")
+            last = buf[-1:]
+    return n + (0 if last == b"\n" else 1)
+
+
+def iter_log_range(
+    path: str | os.PathLike,
+    start: int,
+    end: int,
+    *,
+    chunk_size: int = 4096,
+    skip_bad: bool = False,
+    embed: Callable[[list[str]], torch.Tensor] | None = None,
+    stats: Any = None,
+    on_error: Callable[[Exception], None] | None = None,
+    dim: list[int | None] | None = None,
+) -> Iterator[Any]:
+    """The :class:`~rbank_torch.logs.LogBatch` chunks of records ``[start, end)`` (0-based, end exclusive; the
+    numbering of :func:`count_log_records`) of one log, parsed and validated exactly as
+    :func:`~rbank_torch.logs.iter_log_batches` does (bad lines are reported with their line number in the file).
+
+    Args:
+        path: a JSONL (optionally ``.gz``) or Parquet log.
+        start, end: the record range.
+        chunk_size, skip_bad, embed, stats, on_error: as for ``iter_log_batches``.
+        dim: one-element holder of the embedding dimension shared by successive calls (first seen fixes it).
+    """
+    from . import logs as L
+
+    if not 0 <= start <= end:
+        raise ValueError(f"need 0 <= start <= end, got start={start}, end={end}")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such log file")
+    stats = stats if stats is not None else L.ReadStats()
+    stats.files += 1
+    b = L._ChunkBuilder(str(p), dim if dim is not None else [None], skip_bad, stats, on_error, embed)
+    if start == end:
+        return
+    if L.log_kind(p) == "parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise L.MissingExtraError(f"{p}: reading Parquet logs needs pyarrow") from None
+        pf = pq.ParquetFile(str(p))
+        total = max(pf.metadata.num_rows, 1)
+        size = p.stat().st_size
+        row = 0
+        for rb in pf.iter_batches(batch_size=chunk_size):
+            n = rb.num_rows
+            if row + n <= start:
+                row += n
+                continue
+            lo, hi = max(start - row, 0), min(end - row, n)
+            rows = rb.slice(lo, hi - lo).to_pylist()
+            for j, obj in enumerate(rows):
+                stats.lines += 1
+                b.add(row + lo + j + 1, L._drop_none(obj), None, 0)
+            b.nbytes += int(size * len(rows) / total)
+            row += n
+            out = b.build()
+            if out is not None:
+                yield out
+            if row >= end:
+                break
+        return
+    with L._open_text(p) as f:
+        lineno = 0
+        for raw in f:
+            lineno += 1
+            if lineno <= start:
+                continue
+            if lineno > end:
+                break
+            b.nbytes += len(raw)
+            raw = raw.strip()
+            if not raw:
+                continue
+            stats.lines += 1
+            try:
+                obj, seg, count = L._decode_line(raw, True)
+            except (ValueError, RecursionError) as e:
+                msg = f"not valid UTF-8 ({e.reason})" if isinstance(e, UnicodeDecodeError) else str(e)
+                b.bad(lineno, None, f"not valid JSON ({msg})")
+                continue
+            b.add(lineno, obj, seg, count)
+            if len(b.trajs) >= chunk_size:
+                out = b.build()
+                if out is not None:
+                    yield out
+    out = b.build()
+    if out is not None:
+        yield out
+
+
+def read_log_range(path: str, start: int, end: int) -> Iterator[Sequence[Trajectory]]:
+    """Trajectory chunks of records ``[start, end)`` of a log (the default reader of :func:`distill_files`)."""
+    for batch in iter_log_range(path, start, end):
+        yield batch.trajectories
+
+
+def torchrun_world_size() -> int:
+    """The ``WORLD_SIZE`` that ``torchrun`` put in the environment (1 when absent or unreadable)."""
+    try:
+        return max(int(os.environ.get("WORLD_SIZE", "1") or "1"), 1)
+    except ValueError:
+        return 1
+
+
+def launched_by_torchrun() -> bool:
+    """True when this process is one of several ranks started by ``torchrun`` (``WORLD_SIZE > 1``)."""
+    return torchrun_world_size() > 1
+
+
+def cli_distill(args: Any) -> int:
+    """``rbank distill`` on every rank of a ``torchrun`` launch (the command line hands over here when
+    ``WORLD_SIZE > 1``).
+
+    The files, in the given order, form one log whose records are split into one consecutive range per rank
+    (:func:`split_records`); every rank reads its ranges with the command's options (``--chunk-size``,
+    ``--skip-bad``, text model) and :func:`distill_distributed` merges; rank 0 writes the same five files as
+    the single-process command (``lessons.jsonl``, ``lessons.safetensors``, ``compressed.jsonl``,
+    ``compressed.safetensors``, ``summary.json``) and prints the report. The files are identical to those of
+    one process but for the times of the run (``compressed_at``, ``timestamp``, the timings in the summary).
+
+    Every rank must be able to read the files it is given (a shared or copied folder); the output folder
+    is only written on rank 0. The collective timeout is ``RBANK_DIST_TIMEOUT_S`` seconds (default 1800).
+
+    Returns:
+        the exit code (0).
+
+    Raises:
+        rbank_torch.cli.CliError: bad options or input, too few trajectories (as the single-process command).
+        DistributedError: a rank failed (named, with its error) or a collective failed / timed out.
+    """
+    from . import cli as C
+    from .logs import MAX_KEPT_ERRORS, ReadStats
+
+    try:
+        timeout_s = float(os.environ.get("RBANK_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S))
+        if not timeout_s > 0:
+            raise ValueError
+    except ValueError:
+        raise C.CliError(
+            f"RBANK_DIST_TIMEOUT_S must be a positive number of seconds, got {os.environ['RBANK_DIST_TIMEOUT_S']!r}"
+        ) from None
+    w, created = init_from_env(None, timeout_s)
+    try:
+        return _cli_distill(w, args, C, ReadStats, MAX_KEPT_ERRORS)
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _cli_distill(w: WorldInfo, args: Any, C: Any, ReadStats: Any, max_errors: int) -> int:
+    t0 = time.perf_counter()
+    out = C._Out(args)
+    if w.rank != 0:  # rank 0 reports; the others only warn (bad lines, with their file and line number)
+        out.quiet = True
+        out.say = lambda *a: None
+        out.emit = lambda doc: None
+    paths = [str(p) for p in args.logs]
+    err: BaseException | None = None
+    cfg: DistillationConfig | None = None
+    counts = np.zeros(len(paths), dtype=np.int64)
+    try:
+        C._check_inputs(paths)
+        try:
+            cfg = DistillationConfig(
+                min_quality_threshold=args.min_quality,
+                max_lessons=args.max_lessons,
+                min_trajectories_for_distillation=args.min_trajectories,
+                deduplicate_lessons=not args.no_dedup,
+                dedup_similarity_threshold=args.dedup_threshold,
+            )
+        except ValueError as e:
+            raise C.CliError(str(e)) from None
+        for i in range(w.rank, len(paths), w.world_size):
+            counts[i] = count_log_records(paths[i])
+    except Exception as e:  # noqa: BLE001 - reported on every rank by the agreement step
+        err = e
+    _agree(w, "count log records", err, passthrough=(C.CliError,))
+    _check_same(w, "count log records", paths=paths, out=str(args.out))
+    assert cfg is not None
+    counts = _all_reduce(w, torch.from_numpy(counts), "sum", "count log records").numpy()
+    ranges = split_records(counts.tolist(), w.world_size)[w.rank]
+    out.note(f"distilling over {w.world_size} ranks ({w.backend}); rank 0 reads {sum(b - a for _, a, b in ranges)} "
+             f"of {int(counts.sum())} records")
+
+    embedder = C._LazyEmbedder(args.model, args.device, args.batch_size, out)
+    stats = ReadStats()
+    reporter = C._BadLineReporter(out)
+    holder: list[int | None] = [None]
+
+    def chunks() -> Iterator[Sequence[Trajectory]]:
+        with out.bar(total=sum(b - a for _, a, b in ranges), unit="rec", desc="distill (rank 0)") as bar:
+            for i, a, b in ranges:
+                for batch in iter_log_range(
+                    paths[i], a, b, chunk_size=args.chunk_size, skip_bad=args.skip_bad, embed=embedder,
+                    stats=stats, on_error=reporter, dim=holder,
+                ):
+                    yield batch.trajectories
+                    bar.update(len(batch))
+
+    try:
+        result = distill_distributed(chunks(), cfg, dst=0, group=w.group)
+    except DistillationError as e:
+        raise C.CliError(f"cannot distil: {e} (lower it with --min-trajectories)") from None
+    read_s = time.perf_counter() - t0
+
+    # the read statistics of every rank, summed on rank 0 (the kept error messages in log order)
+    mine = {"lines": stats.lines, "bad_lines": stats.bad_lines, "errors": stats.errors[:max_errors],
+            "embedded_from_text": stats.embedded_from_text, "dim": holder[0]}
+    got = _gather(w, _pack({}, mine), 0, "gather read statistics")
+    dims = _all_gather_i64(w, [-1 if holder[0] is None else int(holder[0])], "gather read statistics")[:, 0]
+    seen = sorted({int(d) for d in dims.tolist() if d >= 0})
+    if len(seen) > 1:
+        raise DistributedError(
+            "the ranks' shares of the log have embeddings of different dimensions "
+            + ", ".join(f"rank {r}: {int(d)}" for r, d in enumerate(dims.tolist()) if d >= 0)
+        )
+
+    err = None
+    summary: dict[str, Any] = {}
+    if w.rank == 0:
+        try:
+            assert result is not None and got is not None
+            total = {"lines": 0, "bad_lines": 0, "errors": [], "embedded_from_text": 0}
+            for r, blob in enumerate(got):
+                _, s = _unpack(blob, f"read statistics of rank {r}")
+                for k in ("lines", "bad_lines", "embedded_from_text"):
+                    total[k] += int(s[k])
+                total["errors"].extend(str(x) for x in s["errors"])
+            total["errors"] = total["errors"][:max_errors]
+            summary = _write_cli_distilled(C, args, paths, cfg, result, total, read_s, t0)
+        except Exception as e:  # noqa: BLE001
+            err = e
+    _agree(w, "write the distilled output", err, passthrough=(C.CliError,))
+    if w.rank != 0:
+        return 0
+    assert result is not None
+    out.emit({"out": str(Path(args.out)), **summary})
+    out.say(
+        f"distilled {summary['trajectories_processed']} trajectories from {len(paths)} file(s) on "
+        f"{w.world_size} ranks in {summary['wall_seconds']:.1f}s ({summary['trajectories_per_s']}/s): "
+        f"{summary['key_lessons']} key lessons, {summary['compressed_trajectories']} compressed trajectories "
+        f"-> {Path(args.out)}"
+    )
+    for lesson in result.key_lessons[:5]:
+        out.say(f"  [{lesson.observation_count:>6}x] {lesson.content}")
+    if summary["bad_lines"]:
+        out.say(f"  {summary['bad_lines']} bad line(s) skipped")
+    return 0
+
+
+def _write_cli_distilled(
+    C: Any, args: Any, paths: list[str], cfg: DistillationConfig, result: DistillationResult,
+    stats: dict[str, Any], read_s: float, t0: float,
+) -> dict[str, Any]:
+    """Write the five files of ``rbank distill`` (same formats, same bytes but for the times of the run)."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = {
+        "lessons": "lessons.jsonl",
+        "lesson_embeddings": "lessons.safetensors",
+        "compressed": "compressed.jsonl",
+        "compressed_embeddings": "compressed.safetensors",
+        "summary": "summary.json",
+    }
+    tmp = {k: out_dir / f".{v}.partial" for k, v in names.items()}
+    cts = result.compressed_trajectories
+    ok = False
+    appender = C._SafetensorsAppender(tmp["compressed_embeddings"])
+    try:
+        with open(tmp["compressed"], "w", encoding="utf-8", buffering=1 << 20) as comp_f:
+            step = 4096
+            for s in range(0, len(cts), step):
+                part = cts[s : s + step]
+                emb = torch.stack([c.key_embedding for c in part]).to(torch.float32)
+                appender.append(emb, np.fromiter((c.original_id for c in part), dtype=np.int64, count=len(part)))
+                comp_f.write("".join(
+                    json.dumps(C.compressed_to_json(c, s + j), ensure_ascii=False, separators=(",", ":")) + "\n"
+                    for j, c in enumerate(part)
+                ))
+        ks = result.key_lessons
+        dim = appender.dim or (int(ks[0].embedding.shape[0]) if ks else 0)
+        appender.close({"format": "rbank_torch.distill.compressed", "rows": str(len(cts)), "dim": str(dim)})
+        with open(tmp["lessons"], "w", encoding="utf-8") as f:
+            for lesson in ks:
+                f.write(json.dumps(C.lesson_to_json(lesson), ensure_ascii=False, separators=(",", ":")) + "\n")
+        lemb = (
+            torch.stack([le.embedding for le in ks]).to(torch.float32).contiguous()
+            if ks
+            else torch.zeros((0, dim), dtype=torch.float32)
+        )
+        save_file({"embedding": lemb}, str(tmp["lesson_embeddings"]),
+                  metadata={"format": "rbank_torch.distill.lessons", "rows": str(len(ks))})
+        elapsed = time.perf_counter() - t0
+        summary = {
+            "inputs": paths,
+            "trajectories_processed": result.trajectories_processed,
+            "compressed_trajectories": len(cts),
+            "key_lessons": len(ks),
+            "memory_saved": result.memory_saved,
+            "compression_ratio": result.compression_ratio,
+            "processing_time_ms": result.processing_time_ms,
+            "category_summary": result.category_summary,
+            "timestamp": C._iso(result.timestamp),
+            "lines": stats["lines"],
+            "bad_lines": stats["bad_lines"],
+            "errors": stats["errors"],
+            "embedded_from_text": stats["embedded_from_text"],
+            "embedding_model": (args.model or C.DEFAULT_MODEL) if stats["embedded_from_text"] else None,
+            "embedding_dim": dim,
+            "read_seconds": round(read_s, 3),
+            "wall_seconds": round(elapsed, 3),
+            "trajectories_per_s": round(result.trajectories_processed / elapsed, 1) if elapsed > 0 else None,
+            "config": asdict(cfg),
+            "files": names,
+        }
+        tmp["summary"].write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        for k, v in names.items():
+            os.replace(tmp[k], out_dir / v)
+        ok = True
+    finally:
+        if not ok:
+            if not appender.f.closed:
+                appender.abort()
+            for p in tmp.values():
+                try:
+                    p.unlink()
+                except OSError:
+                    pass
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ import json
 import math
 import os
 import random
+import subprocess
+import sys
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -606,3 +608,109 @@ def test_a_crashed_rank_during_pair_finding_is_reported():
     assert outs[0].error_type == "DistributedError" and "find pairs" in outs[0].error
     with pytest.raises(D.DistributedError, match="rank 1: exited with code 9"):
         D.spawn_local(_pairs_crash_worker, 2, timeout_s=25.0, collective_timeout_s=4.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Log ranges and the command line under torchrun.
+
+
+def write_cli_logs(folder: Path) -> list[str]:
+    """Two JSONL logs with embeddings, query texts and ids; the second has a bad line and a blank line."""
+    from rbank_torch.logs import trajectory_to_record, write_jsonl
+
+    log = make_log(300, seed=5)
+    recs = [trajectory_to_record(t, query=f"task {i % 23}") for i, t in enumerate(log)]
+    a, b = folder / "a.jsonl", folder / "b.jsonl"
+    write_jsonl(recs[:110], a)
+    write_jsonl(recs[110:], b)
+    lines = b.read_text(encoding="utf-8").splitlines(True)
+    lines.insert(150, '{"bogus": 1}\n')  # line 152 of b once the blank line is in: record 262 of 302, in rank 1's half
+    lines.insert(15, "\n")
+    b.write_text("".join(lines), encoding="utf-8")
+    return [str(a), str(b)]
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "gz", "parquet"])
+def test_log_ranges_concatenate_to_the_whole_log(tmp_path, kind):
+    from rbank_torch.logs import ReadStats, iter_log_batches, trajectory_to_record, write_jsonl, write_parquet
+
+    log = make_log(57, seed=4)
+    path = tmp_path / {"jsonl": "l.jsonl", "gz": "l.jsonl.gz", "parquet": "l.parquet"}[kind]
+    recs = [trajectory_to_record(t, query=f"q{i}") for i, t in enumerate(log)]
+    if kind == "parquet":
+        write_parquet(recs, path)
+    else:
+        write_jsonl(recs, path)
+    n = D.count_log_records(path)
+    assert n == 57
+    whole_stats = ReadStats()
+    whole = [t for b in iter_log_batches(path, chunk_size=5, stats=whole_stats) for t in b.trajectories]
+    got, lines, stats = [], [], ReadStats()
+    for a, b in [(0, 13), (13, 13), (13, 40), (40, 57)]:
+        for batch in D.iter_log_range(path, a, b, chunk_size=4, stats=stats):
+            got.extend(batch.trajectories)
+            lines.extend(batch.lines)
+    assert [t.id for t in got] == [t.id for t in whole] == [t.id for t in log]
+    assert all(torch.equal(x.query_embedding, y.query_embedding) for x, y in zip(got, whole))
+    assert lines == list(range(1, 58)) and stats.lines == whole_stats.lines == 57
+    with pytest.raises(ValueError, match="start"):
+        list(D.iter_log_range(path, 5, 2))
+
+
+def _strip_times(summary: dict) -> dict:
+    timing = {"processing_time_ms", "timestamp", "read_seconds", "wall_seconds", "trajectories_per_s"}
+    return {k: v for k, v in summary.items() if k not in timing}
+
+
+def _safetensors_fields(path: Path) -> tuple[dict, dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata(), {k: f.get_tensor(k).tolist() for k in f.keys()}
+
+
+def _torchrun(n: int, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, RBANK_DIST_TIMEOUT_S="60", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+           "-m", "rbank_torch", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_torchrun_distill_command_equals_one_process(tmp_path):
+    paths = write_cli_logs(tmp_path)
+    opts = ["--min-trajectories", "10", "--max-lessons", "30", "--skip-bad", "--chunk-size", "16", "-q"]
+    one = subprocess.run([sys.executable, "-m", "rbank_torch", "distill", *paths, "--out", "one", *opts],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0, one.stderr
+    two = _torchrun(2, ["distill", *paths, "--out", "two", *opts], tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "on 2 ranks" in two.stdout and two.stdout.count("distilled 300 trajectories") == 1
+    a, b = tmp_path / "one", tmp_path / "two"
+    # lessons, their order and the compressed embeddings: the same bytes
+    assert (a / "lessons.jsonl").read_bytes() == (b / "lessons.jsonl").read_bytes()
+    assert (a / "compressed.safetensors").read_bytes() == (b / "compressed.safetensors").read_bytes()
+    # safetensors orders metadata keys arbitrarily: compare fields
+    assert _safetensors_fields(a / "lessons.safetensors") == _safetensors_fields(b / "lessons.safetensors")
+    ca = [json.loads(x) for x in (a / "compressed.jsonl").read_text().splitlines()]
+    cb = [json.loads(x) for x in (b / "compressed.jsonl").read_text().splitlines()]
+    assert len(ca) == len(cb) > 0
+    assert [{k: v for k, v in x.items() if k != "compressed_at"} for x in ca] == [
+        {k: v for k, v in x.items() if k != "compressed_at"} for x in cb
+    ]
+    sa = json.loads((a / "summary.json").read_text())
+    sb = json.loads((b / "summary.json").read_text())
+    assert _strip_times(sa) == _strip_times(sb)
+    assert sb["trajectories_processed"] == 300 and sb["bad_lines"] == 1 and sb["lines"] == 301
+    assert len(json.loads((a / "lessons.jsonl").read_text().splitlines()[0])["source_trajectories"]) > 0
+
+
+def test_torchrun_distill_command_reports_a_failing_rank(tmp_path):
+    paths = write_cli_logs(tmp_path)  # the bad line is in rank 1's share; without --skip-bad it is an error
+    t0 = time.monotonic()
+    res = _torchrun(2, ["distill", *paths, "--out", "out", "--min-trajectories", "10", "-q"], tmp_path)
+    assert time.monotonic() - t0 < 100
+    assert res.returncode != 0
+    msg = "rank 1 failed with LogFormatError"
+    assert res.stderr.count(msg) == 2, res.stderr[-3000:]  # reported by both ranks
+    assert "b.jsonl:152: bogus" in res.stderr and "distil the local share" in res.stderr
+    assert not (tmp_path / "out" / "lessons.jsonl").exists()
