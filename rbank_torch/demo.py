@@ -3,7 +3,9 @@
 Generates a few thousand realistic agent trajectories (coding, research, tool use, chat; successes,
 failures with root causes, partial results, recoveries), embeds their queries with the packaged
 all-MiniLM-L6-v2 model, stores them in a :class:`ReasoningBank`, answers text queries with the most
-similar patterns and their lessons, analyses a failure, saves a snapshot, reloads it and checks it.
+similar patterns and their lessons, analyses a failure, consolidates the patterns (near-duplicates folded
+into their leaders, low-value ones pruned), distils the trajectories into key lessons, saves a snapshot,
+reloads it and checks it.
 """
 
 from __future__ import annotations
@@ -80,6 +82,15 @@ def run(n: int = 3000, seed: int = 0, out: str | None = None, quiet: bool = Fals
     )
 
     t0 = time.perf_counter()
+    cons = bank.consolidate()
+    timings["consolidate"] = time.perf_counter() - t0
+    say(
+        f"consolidated: {cons.patterns_before} -> {cons.patterns_after} patterns "
+        f"({cons.stats.merged_count} near-duplicates folded into their leaders, {cons.stats.pruned_count} "
+        f"low-value patterns pruned; EWC lambda {cons.lambda_used:.0f})"
+    )
+
+    t0 = time.perf_counter()
     answers = {}
     qe = embedder.encode(QUESTIONS)
     for q, e in zip(QUESTIONS, qe):
@@ -106,6 +117,18 @@ def run(n: int = 3000, seed: int = 0, out: str | None = None, quiet: bool = Fals
     say(f"  improvements: {'; '.join(a.improvements) or '-'}  (confidence {a.confidence:.2f})")
 
     t0 = time.perf_counter()
+    dist = bank.distill()
+    timings["distill"] = time.perf_counter() - t0
+    say(
+        f"\ndistilled {dist.trajectories_processed} trajectories into {len(dist.key_lessons)} key lessons "
+        f"(kept as {len(dist.compressed_trajectories)} compressed trajectories, "
+        f"size ratio {dist.compression_ratio:.2f}); the most important:"
+    )
+    for k in dist.key_lessons[:3]:
+        say(f"  - {k.content} (importance {k.importance:.2f}, seen {k.observation_count}x, "
+            f"success rate {k.success_rate:.2f})")
+
+    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(out) if out else Path(tmp) / "bank.safetensors"
         bank.save(str(path))
@@ -121,7 +144,15 @@ def run(n: int = 3000, seed: int = 0, out: str | None = None, quiet: bool = Fals
     say("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
     if not same:
         raise RuntimeError("snapshot round-trip differs")
-    return {"stats": st, "answers": answers, "timings": timings, "roundtrip_identical": same, "analysis": a}
+    return {
+        "stats": st,
+        "answers": answers,
+        "timings": timings,
+        "roundtrip_identical": same,
+        "analysis": a,
+        "consolidation": cons,
+        "distillation": dist,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

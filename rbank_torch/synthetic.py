@@ -18,7 +18,7 @@ __all__ = ["TaskSpec", "generate_tasks", "FAMILIES"]
 
 FAMILIES: dict[str, dict[str, Any]] = {
     "coding": {
-        "request_type": "coding",
+        "request_type": "code",
         "queries": [
             "fix the failing unit test in the {x} module",
             "implement a {x} parser with error recovery",

@@ -39,7 +39,11 @@ def test_demo_runs_end_to_end(capsys):
     assert out["roundtrip_identical"]
     assert out["stats"].total_trajectories == 300
     text = capsys.readouterr().out
-    assert "snapshot:" in text and "root cause:" in text
+    assert "snapshot:" in text and "root cause:" in text and "consolidated:" in text and "key lessons" in text
+    cons, dist = out["consolidation"], out["distillation"]
+    assert cons.patterns_after == cons.patterns_before - cons.stats.merged_count - cons.stats.pruned_count
+    assert cons.stats.merged_count > 0  # repeated task families give near-duplicate patterns
+    assert dist.trajectories_processed == 300 and len(dist.key_lessons) > 0
     # the research question finds research patterns first
     research = out["answers"]["find recent papers about catastrophic forgetting"]
     assert str(research[0].pattern.category) == "research"
