@@ -213,3 +213,42 @@ def test_cuda_buffers_and_no_host_sync() -> None:
         torch.cuda.set_sync_debug_mode("default")
     assert all(v.is_cuda for v in ewc.fisher.values())
     assert int(ewc.num_updates) == 4
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu_and_grad_scaler_fp16() -> None:
+    """Same run on CPU and CUDA gives the same Fisher and parameters; fp16 AMP with GradScaler
+    (penalty in the scaled loss, update_fisher after unscale_) gives the Fisher of the fp32 run."""
+    xs, ys = _data()
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for dev in ("cpu", "cuda"):
+        model = _mlp().to(dev)
+        ewc = EWCPlusPlus(model, lambda_=20.0, decay=0.7)
+        _run(model, ewc, xs.to(dev), ys.to(dev), "grad")
+        out[dev] = {k: v.cpu() for k, v in ewc.fisher.items()}
+        out[dev].update({f"p/{n}": p.detach().cpu() for n, p in model.named_parameters()})
+    for k in out["cpu"]:
+        torch.testing.assert_close(out["cuda"][k], out["cpu"][k], rtol=1e-4, atol=1e-6)
+
+    fishers = []
+    for use_scaler in (True, False):
+        model = _mlp().cuda()
+        opt = torch.optim.SGD(model.parameters(), lr=0.2)
+        scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10, enabled=use_scaler)
+        ewc = EWCPlusPlus(model, lambda_=20.0, decay=0.7, grad_scaler=scaler if use_scaler else None)
+        for step in range(STEPS):
+            if step == CONSOLIDATE_AT:
+                ewc.consolidate()
+            opt.zero_grad()
+            with torch.autocast("cuda", dtype=torch.float16, enabled=use_scaler):
+                task = F_.cross_entropy(model(xs[step].cuda()), ys[step].cuda())
+            scaler.scale(task + ewc.penalty()).backward()
+            scaler.unscale_(opt)
+            ewc.update_fisher()
+            scaler.step(opt)
+            scaler.update()
+        assert int(ewc.skipped_steps) == 0
+        fishers.append({k: v.float().cpu() for k, v in ewc.fisher.items()})
+    for k in fishers[0]:  # fp16 matmuls: compare loosely, but far tighter than the loss scale 2^10
+        torch.testing.assert_close(fishers[0][k], fishers[1][k], rtol=5e-2, atol=1e-5)
