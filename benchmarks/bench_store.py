@@ -82,7 +82,7 @@ def main() -> None:
     args = ap.parse_args()
     n, d = args.n, args.d
     rows = []
-    cfg = PatternStoreConfig(embedding_dim=d, max_patterns=n + args.single)
+    cfg = PatternStoreConfig(embedding_dim=d, max_patterns=n + args.single, backend="exact")
 
     # ---- memory + batch insert (patterns built in chunks outside the timed region)
     trim()
