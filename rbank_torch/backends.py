@@ -253,6 +253,14 @@ class SearchBackend:
     def on_change(self, rows: torch.Tensor) -> None:
         """The embeddings of rows ``[r]`` (alive) were rewritten in place."""
 
+    def prepare_queries(self, queries: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Validate and prepare raw queries on a fast path, or None to let the store do it (the default).
+
+        Returns:
+            (prepared queries ``[B, D]``, squared norms ``[B]``), as ``PatternStore._prepare_queries``.
+        """
+        return None
+
     def begin_search(self, qp: torch.Tensor, qsq: torch.Tensor, k: int) -> _SearchPlan | None:
         """Start a search of prepared queries ``qp`` ``[B, D]`` (squared norms ``qsq`` ``[B]``)."""
         return None
@@ -772,6 +780,34 @@ class FaissBackend(SearchBackend):
         ts, ti = torch.topk(s, min(k, s.shape[1]), dim=1)
         ids = torch.where(torch.isfinite(ts), st._ids[rows[ti]], torch.full_like(ti, -1))
         return ts, ids
+
+    def prepare_queries(self, queries: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Fast path for what single queries mostly are: CPU float32 tensors or arrays ``[B, D]`` / ``[D]``
+        with finite, non-tiny rows, searched through a CPU index of a float32 CPU store. Anything else
+        (including every invalid input, so that the store raises its usual error) returns None."""
+        # NOTE: the store's torch path (validation, norm, scaling) costs ~20 µs per call on this CPU; this
+        # numpy path ~6 µs, which keeps the wrapper within 10 % of raw faiss HNSW on single queries.
+        ix = self._ix
+        if ix is None or ix.gpu or self.store.dtype != torch.float32 or not self._use_index():
+            return None
+        if isinstance(queries, torch.Tensor):
+            if queries.dtype != torch.float32 or queries.device.type != "cpu" or queries.requires_grad:
+                return None
+            a = queries.numpy()
+        elif isinstance(queries, np.ndarray) and queries.dtype == np.float32:
+            a = queries
+        else:
+            return None
+        if a.ndim == 1:
+            a = a[None, :]
+        if a.ndim != 2 or a.shape[1] != self.dim or a.shape[0] == 0:
+            return None
+        sq = np.einsum("ij,ij->i", a, a)  # [B] finite iff every value is finite (barring overflow)
+        if not (np.isfinite(sq).all() and (sq > 1e-16).all()):
+            return None
+        if self.metric == "cosine":
+            a = a * (1.0 / np.sqrt(sq))[:, None]
+        return torch.from_numpy(np.ascontiguousarray(a)), torch.from_numpy(sq)
 
     def begin_search(self, qp: torch.Tensor, qsq: torch.Tensor, k: int) -> _SearchPlan | None:
         self._maintain()

@@ -901,11 +901,13 @@ class PatternStore:
             Similarity is the cosine (``cosine``), the dot product (``dot``) or 1/(1+distance) (``euclidean``).
         """
         k = _check_k(k, "k")
-        q = as_embedding_batch(queries, "queries", dim=self.config.embedding_dim)
+        # an approximate backend may validate and prepare plain CPU float32 queries itself (cheaper per call)
+        pre = self._backend.prepare_queries(queries)
+        q = None if pre is not None else as_embedding_batch(queries, "queries", dim=self.config.embedding_dim)
         t0 = time.perf_counter()
         with self._lock:
             self._flush()
-            qp, qsq = self._prepare_queries(q)
+            qp, qsq = pre if pre is not None else self._prepare_queries(q)
             plan = self._backend.begin_search(qp, qsq, k)
             if plan is None:
                 s, r = self._search_rows(qp, k)
@@ -914,7 +916,7 @@ class PatternStore:
             # approximate backend: the index search runs outside the store lock (unless the caller holds it)
             s, ids = plan.run()
         s = self._finish_scores(s, qsq)
-        B = q.shape[0]
+        B = qp.shape[0]
         if s.shape[1] < k:
             pad = k - s.shape[1]
             s = torch.cat([s, torch.full((B, pad), _NEG_INF, device=self.device)], dim=1)
