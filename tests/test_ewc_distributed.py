@@ -112,13 +112,15 @@ def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def _fsdp_run(rank: int, out_dir: str, usage: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
+    mesh = init_device_mesh("cpu", (WORLD,))  # explicit: on a CUDA machine the default mesh would be CUDA
     model = _mlp()
-    fully_shard(model[0])
-    fully_shard(model[2])
-    fully_shard(model)
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model[2], mesh=mesh)
+    fully_shard(model, mesh=mesh)
     ewc = EWCPlusPlus(model, lambda_=20.0, decay=0.7)
     xs, ys = _data()
     half = slice(rank * 8, (rank + 1) * 8)
