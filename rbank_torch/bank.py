@@ -264,13 +264,16 @@ class ReasoningBank:
                 puts = _patterns_from_tensors(tensors, meta["patterns"], "p/")
                 if puts:
                     self._store._raw_put(puts)
-                if meta["del"]:
-                    self._store.remove_patterns(meta["del"])
+                dels = meta["del"]
+                if not isinstance(dels, list) or not all(type(i) is int for i in dels):
+                    raise ValueError("'del' must be a list of pattern ids")
+                if dels:
+                    self._store.remove_patterns(dels)
                 self._stats = _stats_from_json(meta["stats"])
                 n += 1
         except JournalError:
             raise
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, OverflowError) as e:
             raise JournalError(f"{journal.path}: bad record {seq} ({type(e).__name__}: {e})") from None
         finally:
             self._store._listener = listener
@@ -517,7 +520,7 @@ class ReasoningBank:
                 cons.load_state_tensors(tensors, meta["consolidator"], "consolidator/")
         except SnapshotError:
             raise
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, OverflowError) as e:
             raise SnapshotError(f"{path}: corrupt or incompatible bank snapshot ({type(e).__name__}: {e})") from None
         if journal:
             bank._attach_journal(journal, fsync, after_seq=int(meta.get("journal_seq", 0)))
