@@ -165,6 +165,11 @@ def _write_sidecar(bank: str | os.PathLike, doc: dict[str, Any]) -> None:
 # Banks.
 
 
+def _require_file(path: str) -> None:
+    if not Path(path).is_file():
+        raise CliError(f"{path}: no such bank file")
+
+
 def _load_bank(path: str) -> ReasoningBank:
     from .bank import ReasoningBank
 
@@ -639,6 +644,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 def _cmd_consolidate(args: argparse.Namespace) -> int:
     out = _Out(args)
     side = read_sidecar(args.bank)
+    _require_file(args.bank)
     out.note(f"loading {args.bank} …")
     bank = _load_bank(args.bank)
     before = _pattern_summary(bank.store)
@@ -698,6 +704,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     if not 0.0 <= args.min_quality <= 1.0:
         raise UsageError(f"--min-quality must be within [0, 1], got {args.min_quality}")
     side = read_sidecar(args.bank)
+    _require_file(args.bank)
     out.note(f"loading {args.bank} …")
     bank = _load_bank(args.bank)
     before = len(bank.store)
@@ -1049,6 +1056,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if args.out is None and args.png_dir is None:
         args.out = "report.html"
     side = read_sidecar(args.bank)
+    _require_file(args.bank)
     out.note(f"loading {args.bank} …")
     bank = _load_bank(args.bank)
     info = build_report(
