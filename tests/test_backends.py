@@ -105,6 +105,37 @@ def test_backend_recall_against_exact(data, backend: str, metric: str) -> None:
         torch.testing.assert_close(s, rs, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("metric", ["cosine", "euclidean", "dot"])
+def test_query_fast_path_matches_store_path_and_validates(data, metric: str) -> None:
+    import numpy as np
+
+    x, q = data
+    store, ids = make("faiss-flat", x, metric=metric)
+    be = store.search_backend
+    pre = be.prepare_queries(q[:5])
+    assert pre is not None  # CPU float32 queries on a CPU index take the fast path
+    ref = store._prepare_queries(q[:5])
+    torch.testing.assert_close(pre[0], ref[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(pre[1], ref[1], rtol=1e-5, atol=1e-6)
+    s1, i1 = store.search_similar_batch(q[:5], 7)
+    s2, i2 = store.search_similar_batch(q[:5].double(), 7)  # float64: the store's own path
+    assert torch.equal(i1, i2)
+    torch.testing.assert_close(s1, s2, rtol=1e-5, atol=1e-6)
+    s3, i3 = store.search_similar_batch(q[0].numpy(), 7)  # [D] numpy float32
+    assert torch.equal(i3, i1[:1])
+    # invalid or degenerate inputs fall through to the store's validation and its usual errors
+    bad = q[:2].clone()
+    bad[1, 3] = float("nan")
+    assert be.prepare_queries(bad) is None
+    with pytest.raises(ValueError, match="queries"):
+        store.search_similar_batch(bad, 3)
+    with pytest.raises(ValueError, match="dimension"):
+        store.search_similar_batch(torch.zeros(1, D + 1), 3)
+    assert be.prepare_queries(torch.zeros(1, D)) is None
+    assert be.prepare_queries(np.zeros((1, D), dtype=np.float64)) is None
+    assert store.search_similar_batch(torch.zeros(1, D), 3)[1].shape == (1, 3)
+
+
 def test_search_similar_objects_and_k_larger_than_store(data) -> None:
     x, q = data
     store, ids = make("faiss-hnsw", x[:50])
