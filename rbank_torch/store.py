@@ -44,6 +44,9 @@ _DTYPES = {
 }
 _NEG_INF = float("-inf")
 _F32_MAX = torch.finfo(torch.float32).max
+_I64_MAX = 2**63 - 1
+#: a float64 sum of counts at or above this may exceed the int64 max: the count saturates
+_I64_SATURATE = float(2**63 - 2**11)
 
 
 class LowConfidenceError(ValueError):
@@ -651,10 +654,10 @@ class PatternStore:
             if row is None:
                 return False
             self._touched((pattern_id,))
-            u = int(self._usage[row]) + 1
+            u = min(int(self._usage[row]) + 1, _I64_MAX)  # saturates at the int64 max
             self._usage[row] = u
             if successful:
-                self._success[row] += 1
+                self._success[row] = min(int(self._success[row]) + 1, u)
             avg = float(self._avgq[row])
             self._avgq[row] = avg + (q - avg) / u
             self._last[row] = dt_to_us(utcnow())
@@ -755,7 +758,12 @@ class PatternStore:
             self._norm[uniq] = torch.linalg.vector_norm(new_e.float(), dim=1)
             self._backend.on_change(uniq)
             self._avgq[uniq] = acc_q / acc_u
-            self._usage[uniq] = acc_u.round().to(torch.int64)
+            # counts are summed exactly in int64 (float64 loses units past 2**53) and saturate at the int64 max
+            acc_ui = self._usage[uniq].clone().index_add_(0, slot, self._usage[src])
+            sat = acc_u >= _I64_SATURATE
+            acc_ui = torch.where(sat, torch.full_like(acc_ui, _I64_MAX), acc_ui)
+            acc_s = torch.where(sat & (acc_s < 0), acc_ui, acc_s.clamp(max=acc_ui))
+            self._usage[uniq] = acc_ui
             self._success[uniq] = acc_s
             self._conf[uniq] = acc_c
             self._last[uniq] = now_us
@@ -931,7 +939,8 @@ class PatternStore:
         k = _check_k(k, "k")
         q = as_embedding(query, "query", dim=self.config.embedding_dim)
         with self._lock:
-            sims, ids = self.search_similar_batch(q[None, :], k)
+            # never more than the live count: a huge k must not allocate k padding slots
+            sims, ids = self.search_similar_batch(q[None, :], min(k, len(self)))
             sims_l, ids_l = sims[0].tolist(), ids[0].tolist()
             rows = [self._row_of[i] for i in ids_l if i >= 0]
             pats = self._patterns_at(rows)
