@@ -10,8 +10,13 @@ after a barrier and ends when every rank has the result (the slowest rank counts
    run also times the plain single-process kernels (``pairs_above`` + ``leader_scan``); all leaders must
    be identical. Target: speed-up ≥ 1.7× at N = 50 000.
 2. **Distillation**: :func:`~rbank_torch.distributed.distill_files` over a JSONL log written once
-   (synthetic agent runs, 128-d embeddings), 1 process against 2; ``lessons.jsonl`` and every count
-   must be identical.
+   (synthetic agent runs, 128-d embeddings), 1 process against 2 (reading, distilling, merging; with
+   ``--write`` also rank 0 writing the output folder); the lessons (every field, embeddings included) and
+   every count must be identical.
+
+Each rank is bound to its own physical core (``--no-pin`` to leave it to the OS; on a machine with SMT two
+ranks could otherwise share one core). All runs use one GEMM precision (``--precision``; the pairs do not
+depend on it).
 
 Usage::
 
@@ -44,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import Timing, append_rows, make_row, print_table  # noqa: E402
-from rbank_torch.kernels.pairs import leader_scan, pairs_above  # noqa: E402
+from rbank_torch.kernels.pairs import leader_scan, pairs_above, resolve_precision  # noqa: E402
 
 from rbank_torch import distributed as D  # noqa: E402
 from rbank_torch.distillation import DistillationConfig  # noqa: E402
@@ -68,6 +73,30 @@ def clustered(n: int, d: int = DIM, seed: int = 0, cluster_size: int = 20) -> to
     return x
 
 
+def physical_cpus() -> list[int]:
+    """One logical CPU per physical core this process may use (SMT siblings left out), lowest first."""
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for c in allowed:
+        base = Path(f"/sys/devices/system/cpu/cpu{c}/topology")
+        try:
+            key = ((base / "physical_package_id").read_text().strip(), (base / "core_id").read_text().strip())
+        except OSError:
+            key = ("?", str(c))
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
+
+
+def _pin(rank: int, pin: bool) -> None:
+    """Bind this process to its own physical core (rank r -> the r-th core), when asked and possible."""
+    cpus = physical_cpus() if pin else []
+    if cpus:
+        os.sched_setaffinity(0, {cpus[rank % len(cpus)]})
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -85,9 +114,12 @@ def _sha(b: bytes) -> str:
 # -- workers (run in spawned processes; module level so that they can be found by name) -----------------
 
 
-def consolidation_worker(rank: int, world: int, n: int, reps: int, device: str, plain: bool) -> dict[str, Any]:
+def consolidation_worker(
+    rank: int, world: int, n: int, reps: int, device: str, plain: bool, precision: str, pin: bool
+) -> dict[str, Any]:
     """Time ``leaders_distributed`` ``reps`` times (seconds on this rank, barrier to result)."""
     torch.set_num_threads(1)
+    _pin(rank, pin)
     dev = f"cuda:{torch.cuda.current_device()}" if device == "cuda" else "cpu"
     emb = clustered(n).to(dev)
     times: list[float] = []
@@ -96,7 +128,7 @@ def consolidation_worker(rank: int, world: int, n: int, reps: int, device: str, 
         _barrier(world)
         _sync(dev)
         t0 = time.perf_counter()
-        lead = D.leaders_distributed(emb, THRESHOLD)
+        lead = D.leaders_distributed(emb, THRESHOLD, precision=precision)
         _sync(dev)
         times.append(time.perf_counter() - t0)
     assert lead is not None
@@ -110,7 +142,7 @@ def consolidation_worker(rank: int, world: int, n: int, reps: int, device: str, 
         for _ in range(reps):
             _sync(dev)
             t0 = time.perf_counter()
-            pairs = pairs_above(emb, THRESHOLD)
+            pairs = pairs_above(emb, THRESHOLD, precision=precision)
             _sync(dev)
             t1 = time.perf_counter()
             ref = leader_scan(n, pairs.cpu())
@@ -121,12 +153,27 @@ def consolidation_worker(rank: int, world: int, n: int, reps: int, device: str, 
     return out
 
 
-def distill_worker(rank: int, world: int, paths: list[str], out_root: str, reps: int, cfg: dict) -> dict[str, Any]:
-    """Time ``distill_files`` over ``paths`` ``reps`` times; rank 0 returns the hash of ``lessons.jsonl``."""
+def _lessons_digest(res: Any) -> str:
+    """Digest of every lesson field that must not depend on the number of processes (embeddings included)."""
+    h = hashlib.sha256()
+    for k in res.key_lessons:
+        h.update(repr((k.content, str(k.category), k.importance, k.observation_count, k.success_rate, k.avg_quality,
+                       k.example_actions, k.tags, k.source_trajectories, k.first_observed.isoformat(),
+                       k.last_observed.isoformat())).encode())
+        h.update(k.embedding.float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def distill_worker(
+    rank: int, world: int, paths: list[str], out_root: str, reps: int, cfg: dict, write: bool, pin: bool
+) -> dict[str, Any]:
+    """Time ``distill_files`` over ``paths`` ``reps`` times (rank 0 writes the output folder when ``write``);
+    rank 0 returns digests of the result."""
     torch.set_num_threads(1)
+    _pin(rank, pin)
     config = DistillationConfig(**cfg)
     times: list[float] = []
-    out_dir = Path(out_root) / f"world-{world}"
+    out_dir = Path(out_root) / f"world-{world}" if write else None
     res = None
     for _ in range(reps):
         _barrier(world)
@@ -138,7 +185,7 @@ def distill_worker(rank: int, world: int, paths: list[str], out_root: str, reps:
     if rank == 0:
         assert res is not None
         out.update(
-            lessons=_sha((out_dir / "lessons.jsonl").read_bytes()),
+            lessons=_lessons_digest(res),
             key_lessons=len(res.key_lessons),
             compressed=len(res.compressed_trajectories),
             compressed_ids=_sha(str([c.original_id for c in res.compressed_trajectories]).encode()),
@@ -191,7 +238,8 @@ def run_consolidation(args: argparse.Namespace, rows: list[dict], notes: dict[in
     res: dict[int, list[dict]] = {}
     for world in worlds:
         outs = D.spawn_local(
-            consolidation_worker, world, (args.n, args.reps, args.device, not args.no_plain),
+            consolidation_worker, world,
+            (args.n, args.reps, args.device, not args.no_plain, args.precision, not args.no_pin),
             backend=backend, timeout_s=args.timeout, collective_timeout_s=args.timeout, num_threads=1,
         )
         res[world] = [o.result for o in outs]
@@ -227,7 +275,7 @@ def run_distillation(args: argparse.Namespace, rows: list[dict], notes: dict[int
         res: dict[int, list[dict]] = {}
         for world in (1, 2):
             outs = D.spawn_local(
-                distill_worker, world, ([str(log)], tmp, args.reps, cfg),
+                distill_worker, world, ([str(log)], tmp, args.reps, cfg, args.write, not args.no_pin),
                 timeout_s=args.timeout, collective_timeout_s=args.timeout, num_threads=1,
             )
             res[world] = [o.result for o in outs]
@@ -240,7 +288,7 @@ def run_distillation(args: argparse.Namespace, rows: list[dict], notes: dict[int
     rows.append(make_row("dist_distill", "1 process", args.distill_n, t1, "cpu", key_lessons=one["key_lessons"]))
     notes[len(rows) - 1] = f"{args.distill_n / t1.median:,.0f} trajectories/s"
     rows.append(make_row("dist_distill", "2 processes", args.distill_n, t2, "cpu", speedup=speed, identical=same))
-    notes[len(rows) - 1] = f"speed-up {speed:.2f}x; lessons.jsonl and counts identical: {same}"
+    notes[len(rows) - 1] = f"speed-up {speed:.2f}x; lessons and counts identical: {same}"
     if not same:
         raise SystemExit(f"distillation with 2 processes differs: {[k for k in keys if one[k] != two[k]]}")
     return speed
@@ -254,6 +302,11 @@ def main() -> None:
     ap.add_argument("--distill-dim", type=int, default=128, help="embedding dimension of the log")
     ap.add_argument("--reps", type=int, default=1, help="timed repetitions per run (default 1)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="consolidation device (cuda: NCCL)")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "tf32", "bf16"],
+                    help="GEMM precision of the candidate pass, the same for every run (auto: bf16 where the "
+                    "CPU or GPU multiplies bfloat16 natively, else fp32; the pairs do not depend on it)")
+    ap.add_argument("--no-pin", action="store_true", help="do not bind each rank to its own physical core")
+    ap.add_argument("--write", action="store_true", help="time distillation with rank 0 writing the output folder")
     ap.add_argument("--skip-distill", action="store_true", help="only consolidation")
     ap.add_argument("--skip-consolidate", action="store_true", help="only distillation")
     ap.add_argument("--no-plain", action="store_true", help="do not also time the plain single-process kernels")
@@ -267,7 +320,10 @@ def main() -> None:
             ap.error(f"--{name.replace('_', '-')} must be positive")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device")
-    print(f"torch {torch.__version__}; 1 thread per process; {_load()} (before)")
+    args.precision = resolve_precision(args.precision, args.device)
+    print(f"torch {torch.__version__}; 1 thread per process; GEMM precision {args.precision}; "
+          f"{'ranks pinned to physical cores ' + str(physical_cpus()[:2]) if not args.no_pin else 'not pinned'}; "
+          f"{_load()} (before)")
     rows: list[dict] = []
     notes: dict[int, str] = {}
     speeds = {}
