@@ -67,7 +67,15 @@ from .distillation import (
     MemoryDistiller,
 )
 from .kernels.kmeans import KMeansResult, kmeans_plusplus
-from .kernels.pairs import PRECISIONS, ZERO_NORM, leader_scan, pair_cosine64, pair_margin, row_norms64
+from .kernels.pairs import (
+    PRECISIONS,
+    ZERO_NORM,
+    _torch_margin_precision,
+    leader_scan,
+    pair_cosine64,
+    pair_margin,
+    row_norms64,
+)
 from .patterns import PatternCategory
 from .trajectory import Trajectory
 from .verdicts import Verdict
@@ -1369,6 +1377,14 @@ def _write_cli_distilled(
 
 _BLOCK_ROWS = 1024
 _BLOCK_COLS = 4096
+#: rows per tile on CUDA (fewer, larger tiles: each tile synchronises once for its candidates)
+_BLOCK_ROWS_CUDA = 4096
+
+
+def _gemm_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """bfloat16 tiles for "bf16" on CPU; float32 elsewhere (on CUDA, cuBLAS may reduce bf16 split-K partial
+    sums in bfloat16, which the bf16 margin does not cover), as in :mod:`rbank_torch.kernels.pairs`."""
+    return torch.bfloat16 if precision == "bf16" and device.type == "cpu" else torch.float32
 
 
 def _floor_to(x: float, dtype: torch.dtype) -> float:
@@ -1480,7 +1496,7 @@ def _band_pairs(
         cats_loc = None
     norms = row_norms64(src)  # [hi-lo]
     perm = band.perm.to(device) if band.perm is not None else None
-    gemm_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    gemm_dtype = _gemm_dtype(precision, device)
     u = _unit_rows(src, norms, gemm_dtype)
     thr_lo = _floor_to(threshold - margin, gemm_dtype)
     block_cols = block_rows * (_BLOCK_COLS // _BLOCK_ROWS)
@@ -1541,10 +1557,13 @@ def _check_pair_args(emb: Any, threshold: Any, categories: Any, precision: str, 
         if cats.dtype.is_floating_point or cats.dtype.is_complex or cats.dtype == torch.bool:
             raise ValueError(f"categories must hold integer codes, got dtype {cats.dtype}")
         cats = cats.to(torch.int64)
-    block = _BLOCK_ROWS if block_size is None else int(block_size)
+    default_block = _BLOCK_ROWS_CUDA if emb.device.type == "cuda" else _BLOCK_ROWS
+    block = default_block if block_size is None else int(block_size)
     if block < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    m = pair_margin(int(emb.shape[1]), precision) if margin is None else float(margin)
+    # the margin must cover the GEMM torch.mm really runs (tf32 when the global matmul settings allow it)
+    m_prec = _torch_margin_precision(precision, emb.device, _gemm_dtype(precision, emb.device))
+    m = pair_margin(int(emb.shape[1]), m_prec) if margin is None else float(margin)
     if not (math.isfinite(m) and m >= 0):
         raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
     return emb, thr, cats, block, m
@@ -1575,7 +1594,7 @@ def pairs_above_distributed(
         threshold: similarity threshold (strict ``>``).
         categories: optional ``[N]`` integer codes; pairs must have equal codes.
         dst: rank that receives the pairs, or None for every rank.
-        block_size: rows per tile (columns: 4×).
+        block_size: rows per tile (columns: 4×; default 1024, 4096 on CUDA).
         margin: candidate margin (default ``pair_margin(D, precision)``).
         precision: GEMM precision of the candidate pass ("fp32", "tf32", "bf16").
         group: process group (default group; none initialised means one process).
