@@ -650,11 +650,16 @@ def distill_distributed(
     del outgoing
     err = None
     payload = b""
+    own_here: DistillationPartial | None = None
     try:
         merged, keys = _merge_owned(incoming, config)
         payload = _partial_blob(merged, {"first_seen": torch.from_numpy(keys)})
         own = _own_part(partial)
-        payload = _pack({"table": _bytes_tensor(payload), "own": _bytes_tensor(_partial_blob(own))}, {})
+        if w.rank == dst:  # dst keeps its own compressed trajectories: no serialisation round trip
+            own_here = own
+            payload = _pack({"table": _bytes_tensor(payload)}, {})
+        else:
+            payload = _pack({"table": _bytes_tensor(payload), "own": _bytes_tensor(_partial_blob(own))}, {})
     except Exception as e:  # noqa: BLE001
         err = e
     del incoming
@@ -666,7 +671,7 @@ def distill_distributed(
     result: DistillationResult | None = None
     if got is not None:
         try:
-            result = _finish_on_dst(got, config, t0)
+            result = _finish_on_dst(got, config, t0, dst, own_here)
         except Exception as e:  # noqa: BLE001
             err = e
     _agree(w, "order, deduplicate and truncate lessons", err, passthrough=(DistillationError,))
@@ -686,17 +691,25 @@ def _local_partial(shard: Any, config: DistillationConfig) -> DistillationPartia
     return d.partial()
 
 
-def _finish_on_dst(blobs: Sequence[bytes], config: DistillationConfig, t0: float) -> DistillationResult:
+def _finish_on_dst(
+    blobs: Sequence[bytes], config: DistillationConfig, t0: float, dst: int = 0,
+    own_dst: DistillationPartial | None = None,
+) -> DistillationResult:
+    """Restore global order from every rank's merged table (and compressed trajectories; ``own_dst`` are
+    those of ``dst`` itself, kept in memory) and finish."""
     tables, keys, own = [], [], []
     for r, blob in enumerate(blobs):
         parts, _ = _unpack(blob, f"merged lessons of rank {r}")
-        if "table" not in parts or "own" not in parts:
+        if "table" not in parts or ("own" not in parts and not (r == dst and own_dst is not None)):
             raise DistributedError(f"malformed merged lessons of rank {r}")
         table, extra = _blob_partial(parts["table"].numpy().tobytes(), f"merged lessons of rank {r}")
         fs = extra.get("first_seen")
         if fs is None or fs.dtype != torch.int64 or tuple(fs.shape) != (table.n_lessons, 2):
             raise DistributedError(f"malformed merged lessons of rank {r} (first_seen)")
-        o, _ = _blob_partial(parts["own"].numpy().tobytes(), f"trajectories of rank {r}")
+        if r == dst and own_dst is not None:
+            o = own_dst
+        else:
+            o, _ = _blob_partial(parts["own"].numpy().tobytes(), f"trajectories of rank {r}")
         tables.append(table)
         keys.append(fs.numpy())
         own.append(o)
