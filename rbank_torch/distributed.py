@@ -13,6 +13,10 @@ collective is issued) and under ``torchrun`` (one or many machines); the results
   first-appearance order, appends the compressed trajectories in rank order and runs ``finish()``
   (order, deduplication, truncation). The result equals one pass over the whole log: same lesson
   texts, order, counts, sums, actions, sources, compressed trajectories and summaries.
+* **Files and the command line** (:func:`distill_files`, :func:`cli_distill`): the records of the log files
+  (:func:`count_log_records`) are cut into one consecutive range per rank, read with :func:`iter_log_range`
+  (the parsing of :mod:`rbank_torch.logs`); ``torchrun … -m rbank_torch distill`` hands over to
+  :func:`cli_distill`, whose rank 0 writes the same files as the single-process command.
 * **Pair finding and the leader scan** (:func:`pairs_above_distributed`, :func:`leaders_distributed`):
   the upper triangle of ``E Eᵀ`` is cut into one band of consecutive rows per rank, of equal *area*
   (:func:`triangle_bands`); every rank computes its band's tiles with the candidate margin and the
