@@ -430,13 +430,15 @@ def _step(s: Any, i: int, started: datetime) -> tuple[TrajectoryStep, str | None
 
 
 def parse_record(
-    obj: Any, now: datetime | None = None
+    obj: Any, now: datetime | None = None, embedding_cut: bool = False
 ) -> tuple[Trajectory, str | None, Any]:
     """Validate one decoded log record and build its trajectory.
 
     Args:
         obj: the decoded JSON object.
         now: start time for records without ``started_at`` (default: now).
+        embedding_cut: the reader cut the record's ``query_embedding`` list out of the raw line (it stands
+            as ``null`` in ``obj`` and is parsed separately), so the record does carry an embedding.
 
     Returns:
         ``(trajectory, query_text, embedding)``: the trajectory's ``query_embedding`` is left None;
@@ -455,7 +457,7 @@ def parse_record(
     emb = obj.get("query_embedding")
     if emb is not None:
         _embedding_list(emb, "query_embedding")
-    elif query is None:
+    elif query is None and not embedding_cut:
         raise _FieldError("query", "a record needs its query text, its query_embedding, or both")
     if "verdict" not in obj:
         raise _FieldError("verdict", "required field is missing")
@@ -603,7 +605,7 @@ class _ChunkBuilder:
 
     def add(self, line: int, obj: Any, seg: bytes | None, seg_count: int) -> None:
         try:
-            t, query, emb = parse_record(obj, self.now)
+            t, query, emb = parse_record(obj, self.now, embedding_cut=seg is not None)
             if seg is not None:
                 d = self.dim[0]
                 if d is not None and seg_count != d:

@@ -258,3 +258,18 @@ def test_trajectory_record_round_trip_keeps_everything():
     t2.query_embedding = torch.tensor(emb2, dtype=torch.float32)
     assert q2 == recs[1]["query"] and t2.uuid == t.uuid
     _same(t, t2)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_embedding_without_query_text(tmp_path, fast):
+    """A record may carry only its embedding (no query text), on both JSON paths."""
+    recs = _records(6, seed=4)
+    for r in recs:
+        r.pop("query", None)
+    p = _write_lines(tmp_path / "log.jsonl", [_dump(r) for r in recs])
+    got = read_log(p, fast=fast)
+    assert [t.query_embedding.tolist() for t in got] == [pytest.approx(r["query_embedding"]) for r in recs]
+    recs[2].pop("query_embedding")
+    p = _write_lines(tmp_path / "bad.jsonl", [_dump(r) for r in recs])
+    with pytest.raises(LogFormatError, match=r"bad.jsonl:3: query"):
+        read_log(p, fast=fast)
