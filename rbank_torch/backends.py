@@ -376,6 +376,16 @@ class _SearchPlan:
         finally:
             ix.lock.release_read()
             self._keep = ()
+        buf = self._buf
+        k = self._k
+        if self._bits is None and buf is None and not self._l2 and I.shape[1] <= k and I.min() >= 0:
+            # NOTE: the common case (CPU index, no buffer, every slot found) in a few µs: single queries
+            # on a 100 000-row HNSW index take ~300 µs, so the wrapper's share must stay this small
+            s = torch.from_numpy(D)
+            ids_t = torch.from_numpy(ix.slot_id[I])
+            if self._device.type != "cpu":
+                s, ids_t = s.to(self._device), ids_t.to(self._device)
+            return s, ids_t
         ok = I >= 0  # [B, kf]
         if self._bits is not None:  # GPU: drop dead slots ourselves (GPU indexes ignore selectors)
             bits = self._bits
@@ -391,8 +401,6 @@ class _SearchPlan:
         if not all_ok:
             s = s.masked_fill(torch.from_numpy(~ok), float("-inf"))
         ids_t = torch.from_numpy(ids)
-        buf = self._buf
-        k = self._k
         if buf is not None:
             s = torch.cat([s, buf[0].to("cpu")], dim=1)
             ids_t = torch.cat([ids_t, buf[1].to("cpu")], dim=1)
@@ -803,7 +811,7 @@ class FaissBackend(SearchBackend):
         if a.ndim != 2 or a.shape[1] != self.dim or a.shape[0] == 0:
             return None
         sq = np.einsum("ij,ij->i", a, a)  # [B] finite iff every value is finite (barring overflow)
-        if not (np.isfinite(sq).all() and (sq > 1e-16).all()):
+        if not (sq.min() > 1e-16 and sq.max() < np.inf):  # NaN fails both comparisons
             return None
         if self.metric == "cosine":
             a = a * (1.0 / np.sqrt(sq))[:, None]
