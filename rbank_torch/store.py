@@ -350,6 +350,7 @@ class PatternStore:
         self._staged: dict[int, Pattern] = {}
         self._cache_version = 0
         self._score_cache: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self._norm_bound = float("inf")  # bound of the live rows' norms, set with the score cache
 
     def _grow(self, need: int) -> None:
         if need <= self._cap:
@@ -843,6 +844,9 @@ class PatternStore:
         else:  # euclidean: rank by 2·q·e − ||e||² (= ||q||² − d²)
             scale = torch.full_like(norm, 2.0)
             bias = bias - norm * norm
+        # bound of every live row's norm: decides whether a search may overflow float32 (see _search_rows)
+        live_norm = norm[alive]
+        self._norm_bound = float(live_norm.max()) if live_norm.numel() else 0.0
         self._score_cache = (self._cache_version, scale, bias)
         return scale, bias
 
@@ -857,6 +861,12 @@ class PatternStore:
         scale, bias = self._scores_prep()
         block = self.config.search_block_rows
         E = self._emb
+        # |q·e| ≤ ||q||·||e|| bounds every partial sum too (Cauchy–Schwarz): when that bound (and ||e||² for
+        # euclidean) stays far below the float32 maximum no score can overflow, and one fused
+        # scale·s + bias gives finite scores to live rows and −inf to dead ones (bias holds −inf there)
+        q_bound = float(torch.linalg.vector_norm(q.float(), dim=1).max()) if B else 0.0
+        e_bound = self._norm_bound
+        safe = q_bound * e_bound < 1e36 and e_bound * e_bound < 1e36
         # inf − inf (euclidean) is "infinitely far"; inf·0 (cosine, dot) counts as no similarity
         nan_score = -_F32_MAX if self.config.distance_metric == "euclidean" else 0.0
         best_s: torch.Tensor | None = None
@@ -866,11 +876,14 @@ class PatternStore:
             s = torch.mm(q, E[a:b].T)  # [B, nb]
             if s.dtype != torch.float32:
                 s = s.float()
-            s.mul_(scale[a:b]).add_(bias[a:b])
-            # products of huge finite values overflow to inf/NaN (NaN would outrank every row in topk):
-            # live rows keep a finite score, dead rows −inf, so "finite" still means "live" below
-            torch.nan_to_num_(s, nan=nan_score, posinf=_F32_MAX, neginf=-_F32_MAX)
-            s.masked_fill_(~self._alive[a:b], _NEG_INF)
+            if safe:
+                s = torch.addcmul(bias[a:b], s, scale[a:b])
+            else:
+                s.mul_(scale[a:b]).add_(bias[a:b])
+                # products of huge finite values overflow to inf/NaN (NaN would outrank every row in topk):
+                # live rows keep a finite score, dead rows −inf, so "finite" still means "live" below
+                torch.nan_to_num_(s, nan=nan_score, posinf=_F32_MAX, neginf=-_F32_MAX)
+                s.masked_fill_(~self._alive[a:b], _NEG_INF)
             ts, ti = torch.topk(s, min(kk, b - a), dim=1)
             ti += a
             if best_s is None:
