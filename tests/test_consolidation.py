@@ -386,3 +386,25 @@ def test_cluster_patterns_recovers_clusters_deterministically() -> None:
         cluster_patterns(x, 0)
     with pytest.raises(ValueError, match="quality"):
         cluster_patterns(x, 2, quality=torch.full((200,), 2.0))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bank_on_cuda_matches_cpu() -> None:
+    """Search, consolidation (Triton pair kernel) and Fisher on CUDA give the CPU results."""
+    pats = random_patterns(300, 11)
+    out = {}
+    for dev in ("cpu", "cuda"):
+        cfg = ReasoningBankConfig(embedding_dim=D)
+        cfg.pattern_config.device = dev
+        cfg.pattern_config.min_confidence = 0.0
+        cfg.consolidation_config.merge_similarity_threshold = 0.8
+        bank = ReasoningBank(cfg)
+        bank.import_patterns([Pattern(**{f: getattr(p, f) for f in p.__dataclass_fields__}) for p in pats])
+        q = torch.stack([p.embedding for p in pats[:20]])
+        sims, ids = bank.search_similar_batch(q.to(dev), 5)
+        res = bank.consolidate()
+        out[dev] = (sims.cpu(), ids.cpu(), res.merge_map, sorted(res.pruned_pattern_ids))
+    (s1, i1, m1, p1), (s2, i2, m2, p2) = out["cpu"], out["cuda"]
+    assert torch.equal(i1, i2) and torch.allclose(s1, s2, atol=1e-5)
+    assert m1 == m2 and p1 == p2 and len(m1) > 0
