@@ -903,6 +903,62 @@ def compressed_to_json(ct: Any, row: int) -> dict[str, Any]:
     }
 
 
+#: the files ``rbank distill`` writes into its output folder
+DISTILL_FILES = {
+    "lessons": "lessons.jsonl",
+    "lesson_embeddings": "lessons.safetensors",
+    "compressed": "compressed.jsonl",
+    "compressed_embeddings": "compressed.safetensors",
+    "summary": "summary.json",
+}
+
+
+def write_lesson_files(jsonl_path: Path, emb_path: Path, lessons: list[Any], dim: int) -> None:
+    """Write the key lessons as JSONL and their ``[L, dim]`` embeddings as safetensors."""
+    import torch
+    from safetensors.torch import save_file
+
+    with open(jsonl_path, "w", encoding="utf-8") as f:
+        for lesson in lessons:
+            f.write(json.dumps(lesson_to_json(lesson), ensure_ascii=False, separators=(",", ":")) + "\n")
+    lemb = (
+        torch.stack([le.embedding for le in lessons]).to(torch.float32).contiguous()
+        if lessons
+        else torch.zeros((0, dim), dtype=torch.float32)
+    )
+    save_file({"embedding": lemb}, str(emb_path),
+              metadata={"format": "rbank_torch.distill.lessons", "rows": str(len(lessons))})
+
+
+def distill_summary(
+    inputs: list[str], result: Any, n_compressed: int, lines: int, bad_lines: int, errors: list[Any],
+    embedded_from_text: int, model: str | None, dim: int, read_s: float, elapsed: float, cfg: Any,
+) -> dict[str, Any]:
+    """The ``summary.json`` document of ``rbank distill``."""
+    return {
+        "inputs": inputs,
+        "trajectories_processed": result.trajectories_processed,
+        "compressed_trajectories": n_compressed,
+        "key_lessons": len(result.key_lessons),
+        "memory_saved": result.memory_saved,
+        "compression_ratio": result.compression_ratio,
+        "processing_time_ms": result.processing_time_ms,
+        "category_summary": result.category_summary,
+        "timestamp": _iso(result.timestamp),
+        "lines": lines,
+        "bad_lines": bad_lines,
+        "errors": errors,
+        "embedded_from_text": embedded_from_text,
+        "embedding_model": (model or DEFAULT_MODEL) if embedded_from_text else None,
+        "embedding_dim": dim,
+        "read_seconds": round(read_s, 3),
+        "wall_seconds": round(elapsed, 3),
+        "trajectories_per_s": round(result.trajectories_processed / elapsed, 1) if elapsed > 0 else None,
+        "config": asdict(cfg),
+        "files": dict(DISTILL_FILES),
+    }
+
+
 def _cmd_distill(args: argparse.Namespace) -> int:
     # --- torchrun: several ranks share the work (rbank_torch.distributed.cli_distill) ---
     from .distributed import cli_distill, launched_by_torchrun
@@ -935,13 +991,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         raise UsageError(msg) from None
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = {
-        "lessons": "lessons.jsonl",
-        "lesson_embeddings": "lessons.safetensors",
-        "compressed": "compressed.jsonl",
-        "compressed_embeddings": "compressed.safetensors",
-        "summary": "summary.json",
-    }
+    names = dict(DISTILL_FILES)
     tmp = {k: out_dir / f".{v}.partial" for k, v in names.items()}
     distiller = MemoryDistiller(cfg)
     embedder = _LazyEmbedder(args.model, args.device, args.batch_size, out)
@@ -982,41 +1032,12 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         comp_f.close()
         dim = appender.dim or (int(result.key_lessons[0].embedding.shape[0]) if result.key_lessons else 0)
         appender.close({"format": "rbank_torch.distill.compressed", "rows": str(n_comp), "dim": str(dim)})
-        with open(tmp["lessons"], "w", encoding="utf-8") as f:
-            for lesson in result.key_lessons:
-                f.write(json.dumps(lesson_to_json(lesson), ensure_ascii=False, separators=(",", ":")) + "\n")
-        from safetensors.torch import save_file
-
-        lemb = (
-            torch.stack([le.embedding for le in result.key_lessons]).to(torch.float32).contiguous()
-            if result.key_lessons
-            else torch.zeros((0, dim), dtype=torch.float32)
-        )
-        save_file({"embedding": lemb}, str(tmp["lesson_embeddings"]),
-                  metadata={"format": "rbank_torch.distill.lessons", "rows": str(len(result.key_lessons))})
+        write_lesson_files(tmp["lessons"], tmp["lesson_embeddings"], result.key_lessons, dim)
         elapsed = time.perf_counter() - t0
-        summary = {
-            "inputs": [str(p) for p in args.logs],
-            "trajectories_processed": result.trajectories_processed,
-            "compressed_trajectories": n_comp,
-            "key_lessons": len(result.key_lessons),
-            "memory_saved": result.memory_saved,
-            "compression_ratio": result.compression_ratio,
-            "processing_time_ms": result.processing_time_ms,
-            "category_summary": result.category_summary,
-            "timestamp": _iso(result.timestamp),
-            "lines": stats.lines,
-            "bad_lines": stats.bad_lines,
-            "errors": stats.errors,
-            "embedded_from_text": stats.embedded_from_text,
-            "embedding_model": (args.model or DEFAULT_MODEL) if stats.embedded_from_text else None,
-            "embedding_dim": dim,
-            "read_seconds": round(read_s, 3),
-            "wall_seconds": round(elapsed, 3),
-            "trajectories_per_s": round(result.trajectories_processed / elapsed, 1) if elapsed > 0 else None,
-            "config": asdict(cfg),
-            "files": names,
-        }
+        summary = distill_summary(
+            [str(p) for p in args.logs], result, n_comp, stats.lines, stats.bad_lines, stats.errors,
+            stats.embedded_from_text, args.model, dim, read_s, elapsed, cfg,
+        )
         tmp["summary"].write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         for k, v in names.items():
             os.replace(tmp[k], out_dir / v)

@@ -1311,17 +1311,9 @@ def _write_cli_distilled(
     stats: dict[str, Any], read_s: float, t0: float,
 ) -> dict[str, Any]:
     """Write the five files of ``rbank distill`` (same formats, same bytes but for the times of the run)."""
-    from safetensors.torch import save_file
-
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = {
-        "lessons": "lessons.jsonl",
-        "lesson_embeddings": "lessons.safetensors",
-        "compressed": "compressed.jsonl",
-        "compressed_embeddings": "compressed.safetensors",
-        "summary": "summary.json",
-    }
+    names = dict(C.DISTILL_FILES)
     tmp = {k: out_dir / f".{v}.partial" for k, v in names.items()}
     cts = result.compressed_trajectories
     ok = False
@@ -1340,39 +1332,12 @@ def _write_cli_distilled(
         ks = result.key_lessons
         dim = appender.dim or (int(ks[0].embedding.shape[0]) if ks else 0)
         appender.close({"format": "rbank_torch.distill.compressed", "rows": str(len(cts)), "dim": str(dim)})
-        with open(tmp["lessons"], "w", encoding="utf-8") as f:
-            for lesson in ks:
-                f.write(json.dumps(C.lesson_to_json(lesson), ensure_ascii=False, separators=(",", ":")) + "\n")
-        lemb = (
-            torch.stack([le.embedding for le in ks]).to(torch.float32).contiguous()
-            if ks
-            else torch.zeros((0, dim), dtype=torch.float32)
-        )
-        save_file({"embedding": lemb}, str(tmp["lesson_embeddings"]),
-                  metadata={"format": "rbank_torch.distill.lessons", "rows": str(len(ks))})
+        C.write_lesson_files(tmp["lessons"], tmp["lesson_embeddings"], ks, dim)
         elapsed = time.perf_counter() - t0
-        summary = {
-            "inputs": paths,
-            "trajectories_processed": result.trajectories_processed,
-            "compressed_trajectories": len(cts),
-            "key_lessons": len(ks),
-            "memory_saved": result.memory_saved,
-            "compression_ratio": result.compression_ratio,
-            "processing_time_ms": result.processing_time_ms,
-            "category_summary": result.category_summary,
-            "timestamp": C._iso(result.timestamp),
-            "lines": stats["lines"],
-            "bad_lines": stats["bad_lines"],
-            "errors": stats["errors"],
-            "embedded_from_text": stats["embedded_from_text"],
-            "embedding_model": (args.model or C.DEFAULT_MODEL) if stats["embedded_from_text"] else None,
-            "embedding_dim": dim,
-            "read_seconds": round(read_s, 3),
-            "wall_seconds": round(elapsed, 3),
-            "trajectories_per_s": round(result.trajectories_processed / elapsed, 1) if elapsed > 0 else None,
-            "config": asdict(cfg),
-            "files": names,
-        }
+        summary = C.distill_summary(
+            paths, result, len(cts), stats["lines"], stats["bad_lines"], stats["errors"],
+            stats["embedded_from_text"], args.model, dim, read_s, elapsed, cfg,
+        )
         tmp["summary"].write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         for k, v in names.items():
             os.replace(tmp[k], out_dir / v)
