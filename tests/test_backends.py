@@ -439,8 +439,10 @@ def test_concurrent_search_insert_delete(data) -> None:
             j = 1500
             while time.monotonic() < deadline and j < 3000:
                 e = x[j]
-                pid = store.store_pattern(Pattern.new(e, "general", 0.9))
-                inserted[pid] = e
+                p = Pattern.new(e, "general", 0.9)
+                inserted[p.id] = e  # before storing: a reader may find it as soon as it is stored
+                pid = store.store_pattern(p)
+                assert pid == p.id
                 top = store.search_similar_batch(e[None], 1)[1][0, 0].item()
                 assert top == pid, "a pattern just stored must be found at once"
                 j += 1
