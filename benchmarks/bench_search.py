@@ -113,7 +113,7 @@ def qps_batch(search: Any, Q: np.ndarray | torch.Tensor, reps: int = 3) -> tuple
 
 def qps_single(search: Any, Q: np.ndarray | torch.Tensor, count: int) -> float:
     """Queries per second of one call per query over the first ``count`` queries (after a warm-up)."""
-    for i in range(min(20, count)):
+    for i in range(min(50, count)):
         search(Q[i : i + 1])
     t0 = time.perf_counter()
     for i in range(count):
@@ -244,8 +244,12 @@ def run(args: argparse.Namespace) -> None:
         found: dict[str, np.ndarray] = {}
         # NOTE: rounds interleave the searchers and keep each one's best, so that load from other
         # processes on the machine hits every searcher alike instead of skewing one of them.
-        for _ in range(args.rounds):
-            for name, (fb, fs, to_rows, ns) in searchers.items():
+        names = list(searchers)
+        for rnd in range(args.rounds):
+            # the order rotates each round: whatever ran just before (e.g. exact search streaming the whole
+            # matrix through the caches) does not always precede the same searcher
+            for name in names[rnd % len(names) :] + names[: rnd % len(names)]:
+                fb, fs, to_rows, ns = searchers[name]
                 q = Q if name.startswith("store:") else Qn
                 out, bq = qps_batch(fb, q, reps=1)
                 found[name] = to_rows(out)
