@@ -355,9 +355,10 @@ class PatternStore:
     def _grow(self, need: int) -> None:
         if need <= self._cap:
             return
-        # NOTE: growth factor 1.25 (not 2) keeps resident memory near 1× the embedding bytes; capped at
+        # NOTE: growth factor 1.5 (not 2) bounds the slack of a growing store (untouched slack pages are not
+        # even resident) while keeping the number of copies of the columns small; capped at
         # max_patterns so a full store holds no slack at all.
-        new_cap = max(need, min(int(self._cap * 1.25) + 1024, self.config.max_patterns))
+        new_cap = max(need, min(int(self._cap * 1.5) + 1024, self.config.max_patterns))
         emb = torch.empty((new_cap, self.config.embedding_dim), dtype=self.dtype, device=self.device)
         emb[: self._n] = self._emb[: self._n]
         self._emb = emb
