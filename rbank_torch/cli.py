@@ -913,6 +913,28 @@ DISTILL_FILES = {
 }
 
 
+def distill_config(args: argparse.Namespace) -> Any:
+    """The :class:`~rbank_torch.distillation.DistillationConfig` of ``rbank distill``'s options; a value
+    out of range is a :class:`UsageError` naming the option."""
+    from .distillation import DistillationConfig
+
+    try:
+        return DistillationConfig(
+            min_quality_threshold=args.min_quality,
+            max_lessons=args.max_lessons,
+            min_trajectories_for_distillation=args.min_trajectories,
+            deduplicate_lessons=not args.no_dedup,
+            dedup_similarity_threshold=args.dedup_threshold,
+        )
+    except ValueError as e:
+        msg = str(e)
+        for field_name, opt in (("min_quality_threshold", "--min-quality"), ("max_lessons", "--max-lessons"),
+                                ("min_trajectories_for_distillation", "--min-trajectories"),
+                                ("dedup_similarity_threshold", "--dedup-threshold")):
+            msg = msg.replace(field_name, opt)
+        raise UsageError(msg) from None
+
+
 def write_lesson_files(jsonl_path: Path, emb_path: Path, lessons: list[Any], dim: int) -> None:
     """Write the key lessons as JSONL and their ``[L, dim]`` embeddings as safetensors."""
     import torch
@@ -969,26 +991,12 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from .distillation import DistillationConfig, MemoryDistiller
+    from .distillation import MemoryDistiller
     from .logs import ReadStats, iter_log_batches
 
     out = _Out(args)
     _check_inputs(args.logs)
-    try:
-        cfg = DistillationConfig(
-            min_quality_threshold=args.min_quality,
-            max_lessons=args.max_lessons,
-            min_trajectories_for_distillation=args.min_trajectories,
-            deduplicate_lessons=not args.no_dedup,
-            dedup_similarity_threshold=args.dedup_threshold,
-        )
-    except ValueError as e:
-        msg = str(e)
-        for field_name, opt in (("min_quality_threshold", "--min-quality"), ("max_lessons", "--max-lessons"),
-                                ("min_trajectories_for_distillation", "--min-trajectories"),
-                                ("dedup_similarity_threshold", "--dedup-threshold")):
-            msg = msg.replace(field_name, opt)
-        raise UsageError(msg) from None
+    cfg = distill_config(args)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = dict(DISTILL_FILES)

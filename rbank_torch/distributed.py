@@ -1117,33 +1117,7 @@ def iter_log_range(
             if row >= end:
                 break
         return
-    with L._open_text(p) as f:
-        lineno = 0
-        for raw in f:
-            lineno += 1
-            if lineno <= start:
-                continue
-            if lineno > end:
-                break
-            b.nbytes += len(raw)
-            raw = raw.strip()
-            if not raw:
-                continue
-            stats.lines += 1
-            try:
-                obj, seg, count = L._decode_line(raw, True)
-            except (ValueError, RecursionError) as e:
-                msg = f"not valid UTF-8 ({e.reason})" if isinstance(e, UnicodeDecodeError) else str(e)
-                b.bad(lineno, None, f"not valid JSON ({msg})")
-                continue
-            b.add(lineno, obj, seg, count)
-            if len(b.trajs) >= chunk_size:
-                out = b.build()
-                if out is not None:
-                    yield out
-    out = b.build()
-    if out is not None:
-        yield out
+    yield from L._iter_jsonl(p, b, chunk_size, True, start, end)
 
 
 def read_log_range(path: str, start: int, end: int) -> Iterator[Sequence[Trajectory]]:
@@ -1218,16 +1192,7 @@ def _cli_distill(w: WorldInfo, args: Any, C: Any, ReadStats: Any, max_errors: in
     counts = np.zeros(len(paths), dtype=np.int64)
     try:
         C._check_inputs(paths)
-        try:
-            cfg = DistillationConfig(
-                min_quality_threshold=args.min_quality,
-                max_lessons=args.max_lessons,
-                min_trajectories_for_distillation=args.min_trajectories,
-                deduplicate_lessons=not args.no_dedup,
-                dedup_similarity_threshold=args.dedup_threshold,
-            )
-        except ValueError as e:
-            raise C.CliError(str(e)) from None
+        cfg = C.distill_config(args)
         for i in range(w.rank, len(paths), w.world_size):
             counts[i] = count_log_records(paths[i])
     except Exception as e:  # noqa: BLE001 - reported on every rank by the agreement step

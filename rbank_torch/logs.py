@@ -791,12 +791,19 @@ def _open_text(path: Path) -> io.BufferedReader | gzip.GzipFile:
     return open(path, "rb", buffering=1 << 20)
 
 
-def _iter_jsonl(path: Path, b: _ChunkBuilder, chunk_size: int, fast: bool) -> Iterator[LogBatch]:
+def _iter_jsonl(
+    path: Path, b: _ChunkBuilder, chunk_size: int, fast: bool, start: int = 0, end: int | None = None
+) -> Iterator[LogBatch]:
+    """Chunks of the records on lines ``start + 1 .. end`` (1-based, all lines by default) of a JSONL log."""
     stats = b.stats
     with _open_text(path) as f:
         lineno = 0
         for raw in f:
             lineno += 1
+            if lineno <= start:
+                continue
+            if end is not None and lineno > end:
+                break
             b.nbytes += len(raw)
             raw = raw.strip()
             if not raw:
