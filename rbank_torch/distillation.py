@@ -378,6 +378,21 @@ def _grow(a: np.ndarray, need: int) -> np.ndarray:
     return out
 
 
+def compressed_meta(c: CompressedTrajectory) -> dict[str, Any]:
+    """The JSON fields of a compressed trajectory (its key embedding travels separately, as a tensor row)."""
+    return {
+        "id": c.original_id,
+        "verdict": c.verdict.to_dict(),
+        "quality": c.quality,
+        "lessons": c.lessons,
+        "key_actions": c.key_actions,
+        "timestamp_us": dt_to_us(c.timestamp),
+        "compressed_at_us": dt_to_us(c.compressed_at),
+        "step_count": c.step_count,
+        "category": str(c.category),
+    }
+
+
 @dataclass(eq=False)
 class DistillationPartial:
     """Everything a distiller has accumulated: the merged lesson table (columnar) and the compressed
@@ -442,17 +457,7 @@ class DistillationPartial:
             "bytes_after": self.bytes_after,
             "elapsed_s": self.elapsed_s,
             "compressed": [
-                {
-                    "id": c.original_id,
-                    "verdict": c.verdict.to_dict(),
-                    "quality": c.quality,
-                    "lessons": c.lessons,
-                    "key_actions": c.key_actions,
-                    "timestamp_us": dt_to_us(c.timestamp),
-                    "compressed_at_us": dt_to_us(c.compressed_at),
-                    "step_count": c.step_count,
-                    "category": str(c.category),
-                }
+                compressed_meta(c)
                 for c in ct
             ],
         }

@@ -69,6 +69,7 @@ from .distillation import (
     DistillationResult,
     KeyLesson,
     MemoryDistiller,
+    compressed_meta,
 )
 from .kernels.kmeans import KMeansResult, kmeans_plusplus
 from .kernels.pairs import (
@@ -929,20 +930,7 @@ def write_distilled(out_dir: str | os.PathLike, result: DistillationResult, extr
     }
     meta = {
         "lessons": lessons,
-        "compressed": [
-            {
-                "id": c.original_id,
-                "verdict": c.verdict.to_dict(),
-                "quality": c.quality,
-                "lessons": c.lessons,
-                "key_actions": c.key_actions,
-                "timestamp_us": dt_to_us(c.timestamp),
-                "compressed_at_us": dt_to_us(c.compressed_at),
-                "step_count": c.step_count,
-                "category": str(c.category),
-            }
-            for c in cs
-        ],
+        "compressed": [compressed_meta(c) for c in cs],
         "trajectories_processed": result.trajectories_processed,
         "memory_saved": result.memory_saved,
         "compression_ratio": result.compression_ratio,
