@@ -215,6 +215,17 @@ class _Row:
 
     __slots__ = ("id", "emb", "conf", "usage", "success", "avgq", "created", "last", "cat", "side")
 
+    id: int
+    emb: torch.Tensor  # [D] float32 (set for staged single inserts; batches keep the stacked [m, D])
+    conf: float
+    usage: int
+    success: int
+    avgq: float
+    created: int  # µs since the epoch
+    last: int  # µs since the epoch
+    cat: PatternCategory
+    side: _Side
+
 
 _US = timedelta(microseconds=1)
 
@@ -347,7 +358,7 @@ class PatternStore:
         self._alive = torch.zeros(cap, dtype=torch.bool, device=d)
         self._side: list[_Side | None] = []
         self._row_of: dict[int, int] = {}
-        self._staged: dict[int, Pattern] = {}
+        self._staged: dict[int, _Row] = {}
         self._cache_version = 0
         self._score_cache: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self._norm_bound = float("inf")  # bound of the live rows' norms, set with the score cache
@@ -887,7 +898,7 @@ class PatternStore:
                 s.masked_fill_(~self._alive[a:b], _NEG_INF)
             ts, ti = torch.topk(s, min(kk, b - a), dim=1)
             ti += a
-            if best_s is None:
+            if best_s is None or best_r is None:
                 best_s, best_r = ts, ti
             else:
                 cs = torch.cat([best_s, ts], dim=1)
@@ -925,11 +936,12 @@ class PatternStore:
         k = _check_k(k, "k")
         # an approximate backend may validate and prepare plain CPU float32 queries itself (cheaper per call)
         pre = self._backend.prepare_queries(queries)
-        q = None if pre is not None else as_embedding_batch(queries, "queries", dim=self.config.embedding_dim)
+        if pre is None:
+            pre_q = as_embedding_batch(queries, "queries", dim=self.config.embedding_dim)
         t0 = time.perf_counter()
         with self._lock:
             self._flush()
-            qp, qsq = pre if pre is not None else self._prepare_queries(q)
+            qp, qsq = pre if pre is not None else self._prepare_queries(pre_q)
             plan = self._backend.begin_search(qp, qsq, k)
             if plan is None:
                 s, r = self._search_rows(qp, k)
