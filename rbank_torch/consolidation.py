@@ -163,7 +163,7 @@ class FisherInformation:
         """Weighted mean with ``other`` (diagonal, EMA and sample count), in place.
 
         ``self_weight`` in [0, 1] weighs this one, ``1 − self_weight`` the other; the merged sample count
-        is rounded to the nearest integer.
+        is the weighted mean truncated to an integer.
         """
         w = _check_weight(self_weight, "self_weight")
         if other.dim != self.dim:
@@ -172,7 +172,9 @@ class FisherInformation:
         o_ema = other.ema_grad_squared.to(self.diagonal.device, self.diagonal.dtype)
         self.diagonal.mul_(w).add_(o_diag, alpha=1.0 - w)
         self.ema_grad_squared.mul_(w).add_(o_ema, alpha=1.0 - w)
-        self.sample_count = int(round(w * self.sample_count + (1.0 - w) * other.sample_count))
+        # truncated like an integer cast of the weighted mean (the tiny slack absorbs float rounding, so an
+        # exact integer mean such as 0.5·2 + 0.5·4 stays 3)
+        self.sample_count = int(w * self.sample_count + (1.0 - w) * other.sample_count + 1e-9)
 
 
 # ----------------------------------------------------------------------------------------------------------
