@@ -26,7 +26,7 @@ from ._util import (
     next_id,
     utcnow,
 )
-from .importance import IMPORTANCE_WEIGHTS, importance_scores
+from .importance import IMPORTANCE_WEIGHTS, importance_factors, importance_scores
 from .patterns import Pattern, PatternCategory, PatternMetadata
 
 if TYPE_CHECKING:
@@ -255,16 +255,15 @@ class ImportanceScore:
         if fishers is not None and len(fishers) != n:
             raise ValueError(f"fishers must have one entry per pattern ({n}), got {len(fishers)}")
         usage, success, quality, age = cls._columns(patterns, now)
-        u = usage.double()
-        f_usage = torch.clamp(torch.log1p(u) / 10.0, max=1.0)
-        f_rec = torch.exp(-age / float(max_age_secs))
-        f_succ = torch.where(u > 0, success.double() / u.clamp(min=1.0), torch.zeros_like(u))
-        f_fish = torch.full((n,), 0.5, dtype=torch.float64)
+        fisher_mean = has_fisher = None
         if fishers is not None:
-            for i, f in enumerate(fishers):
-                if f is not None:
-                    f_fish[i] = min(float(f.diagonal.double().mean()), 1.0)
-        terms = torch.stack([f_usage, quality, f_rec, f_succ, f_fish], dim=1)  # [N, 5]
+            has_fisher = torch.tensor([f is not None for f in fishers], dtype=torch.bool)
+            fisher_mean = torch.tensor(
+                [0.0 if f is None else float(f.diagonal.double().mean()) for f in fishers], dtype=torch.float64
+            )
+        terms = torch.stack(
+            importance_factors(usage, success, quality, age, float(max_age_secs), fisher_mean, has_fisher), dim=1
+        )  # [N, 5]
         scores = terms @ torch.tensor(IMPORTANCE_WEIGHTS, dtype=torch.float64)
         t = terms.tolist()
         s = scores.tolist()
@@ -552,30 +551,19 @@ class PatternConsolidator:
             out.merge(p)
         return out
 
-    def _plan(
-        self,
-        ids: torch.Tensor,
-        emb: torch.Tensor,
-        cats: torch.Tensor,
-        usage: torch.Tensor,
-        success: torch.Tensor,
-        quality: torch.Tensor,
+    def _decide(
+        self, ids: Sequence[int], usage: torch.Tensor, success: torch.Tensor, quality: torch.Tensor,
         age_secs: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-        """Shared core: rows sorted by id. Returns ``(scores [N] f64, pruned [N] bool, leader [N], λ)``."""
-        from .kernels.pairs import leader_scan, pairs_above
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Adapt λ, score every pattern and mark the pruned ones (rows in ascending id).
 
+        Returns ``(scores [N] float64, pruned [N] bool, λ)``.
+        """
         c = self.config
         lam = self.adapt_lambda(int((usage >= c.min_usage_for_importance).sum()))
-        id_list = ids.tolist()
-        scores = self._scores(id_list, usage, success, quality, age_secs)
+        scores = self._scores(ids, usage, success, quality, age_secs)
         pruned = (scores < 0.2) & (quality.cpu().double() < c.min_quality_threshold)
-        n = len(id_list)
-        if n == 0:
-            return scores, pruned, torch.empty(0, dtype=torch.int64), lam
-        pairs = pairs_above(emb, float(c.merge_similarity_threshold), cats.to(emb.device, torch.int64))
-        leader = leader_scan(n, pairs.cpu(), ~pruned).cpu()
-        return scores, pruned, leader, lam
+        return scores, pruned, lam
 
     def _result(
         self,
@@ -637,9 +625,15 @@ class PatternConsolidator:
         codes: dict[str, int] = {}
         cats = torch.tensor([codes.setdefault(p.category.name, len(codes)) for p in pats], dtype=torch.int64)
         usage, success, quality, age = ImportanceScore._columns(pats, now)
-        ids = torch.tensor([p.id for p in pats], dtype=torch.int64)
-        scores, pruned, leader, lam = self._plan(ids, emb, cats, usage, success, quality, age)
-        return self._result(ids.tolist(), scores, pruned, leader, lam, t0)
+        ids = [p.id for p in pats]
+        scores, pruned, lam = self._decide(ids, usage, success, quality, age)
+        leader = torch.empty(0, dtype=torch.int64)
+        if n:
+            from .kernels.pairs import leader_scan, pairs_above
+
+            pairs = pairs_above(emb, float(self.config.merge_similarity_threshold), cats.to(emb.device))
+            leader = leader_scan(n, pairs.cpu(), ~pruned).cpu()
+        return self._result(ids, scores, pruned, leader, lam, t0)
 
     def consolidate_store(self, store: PatternStore) -> ConsolidationResult:
         """Consolidate a :class:`~rbank_torch.store.PatternStore` in place: decide as
@@ -655,10 +649,11 @@ class PatternConsolidator:
             now_us = dt_to_us(utcnow())
             usage = store._usage[rows].cpu()
             age = ((now_us - store._last[rows].cpu()).double() / 1e6).clamp(min=0.0)
-            scores, pruned, _, lam = self._plan_store(store, rows, ids, usage, age)
             id_list = ids.tolist()
-            rows2, leader = store._leaders(float(self.config.merge_similarity_threshold), True, ~pruned)
-            assert torch.equal(store._ids[rows2].cpu(), ids)
+            scores, pruned, lam = self._decide(
+                id_list, usage, store._success[rows].cpu(), store._avgq[rows].cpu(), age
+            )
+            leader = store._leaders(float(self.config.merge_similarity_threshold), True, ~pruned, rows=rows)[1]
             result = self._result(id_list, scores, pruned, leader, lam, t0)
             # Fisher information follows the merge (before the fold changes the usage counts)
             if result.merge_map and self._ids:
@@ -677,22 +672,12 @@ class PatternConsolidator:
                         fd.merge(fs, ud / (ud + us))
                         self.set_fisher(dst, fd)
                     running[dst] = ud + us
-            store._fold(rows2, leader)
+            store._fold(rows, leader)
             if result.pruned_pattern_ids:
                 store.remove_patterns(result.pruned_pattern_ids)
             self.remove_fisher(result.pruned_pattern_ids + result.merged_pattern_ids)
             result.stats.processing_time_ms = (time.perf_counter() - t0) * 1000.0
             return result
-
-    def _plan_store(
-        self, store: PatternStore, rows: torch.Tensor, ids: torch.Tensor, usage: torch.Tensor, age: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, None, float]:
-        c = self.config
-        lam = self.adapt_lambda(int((usage >= c.min_usage_for_importance).sum()))
-        quality = store._avgq[rows].cpu()
-        scores = self._scores(ids.tolist(), usage, store._success[rows].cpu(), quality, age)
-        pruned = (scores < 0.2) & (quality.double() < c.min_quality_threshold)
-        return scores, pruned, None, lam
 
     # ------------------------------------------------------------------ snapshots
     def state_tensors(self, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -700,12 +700,18 @@ class PatternStore:
             rows, leader = self._leaders(thr, by_category=False)
             return self._fold(rows, leader)
 
-    def _leaders(self, threshold: float, by_category: bool, eligible: torch.Tensor | None = None):
-        """Live rows in ascending id order and, for each, the position of its leader (SPEC §3 scan)."""
+    def _leaders(
+        self, threshold: float, by_category: bool, eligible: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
+    ):
+        """Live rows in ascending id order and, for each, the position of its leader (SPEC §3 scan).
+
+        ``rows``: the live rows already in ascending id order, when the caller has them."""
         from .kernels.pairs import leader_scan, pairs_above
 
-        rows = self._live_rows()
-        rows = rows[torch.argsort(self._ids[rows])]
+        if rows is None:
+            rows = self._live_rows()
+            rows = rows[torch.argsort(self._ids[rows])]
         n = int(rows.numel())
         if n == 0:
             return rows, torch.empty(0, dtype=torch.int64)
