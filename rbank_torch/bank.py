@@ -313,12 +313,8 @@ class ReasoningBank:
 
     def _get_consolidator(self):
         if self._consolidator is None:
-            try:
-                from .consolidation import PatternConsolidator
-            except ImportError as e:
-                raise NotImplementedError(
-                    "consolidate() needs rbank_torch.consolidation.PatternConsolidator, which is not available"
-                ) from e
+            from .consolidation import PatternConsolidator
+
             self._consolidator = PatternConsolidator(self._config.consolidation_config, device=self._store.device)
         return self._consolidator
 
@@ -470,7 +466,7 @@ class ReasoningBank:
             tensors.update(traj_tensors)
             extra_t: dict[str, torch.Tensor] = {}
             cons_meta: dict[str, Any] | None = None
-            if self._consolidator is not None and hasattr(self._consolidator, "state_tensors"):
+            if self._consolidator is not None:
                 extra_t, cons_meta = self._consolidator.state_tensors("consolidator/")
             tensors.update(extra_t)
             meta = {
