@@ -90,6 +90,7 @@ __all__ = [
     "WorldInfo",
     "world_info",
     "init_from_env",
+    "leave_group",
     "lesson_owner",
     "distill_distributed",
     "distill_files",
@@ -181,7 +182,7 @@ def init_from_env(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT
 
     Returns:
         ``(world info, created)``; ``created`` is True when this call created the process group (the caller
-        should then ``torch.distributed.destroy_process_group()`` when done).
+        should then call :func:`leave_group` when done).
 
     Raises:
         DistributedError: incomplete environment or a failed rendezvous.
@@ -206,6 +207,27 @@ def init_from_env(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT
     except (RuntimeError, ValueError) as e:
         raise DistributedError(f"could not join the process group ({backend}, WORLD_SIZE={world}): {e}") from e
     return world_info(), True
+
+
+def leave_group(ok: bool = True) -> None:
+    """Destroy the default process group, after a closing barrier when this rank succeeded.
+
+    A gloo rank that tears its connections down while a peer still drains the last collective can
+    abort that peer (``terminate called without an active exception``); the barrier makes every rank
+    leave together. After a failure the peers may be gone, so no barrier is attempted.
+
+    Args:
+        ok: this rank finished its work normally.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if ok and dist.get_world_size() > 1:
+            dist.barrier()
+    except Exception:  # noqa: BLE001 - leaving anyway; the real outcome was already decided
+        pass
+    finally:
+        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -827,11 +849,14 @@ def distill_files(
         w, created = init_from_env(backend, timeout_s)
     else:
         w = world_info(group)
+    ok = False
     try:
-        return _distill_files(w, [os.fspath(p) for p in paths], out_dir, config, read_chunks, count_records)
+        out = _distill_files(w, [os.fspath(p) for p in paths], out_dir, config, read_chunks, count_records)
+        ok = True
+        return out
     finally:
         if created:
-            dist.destroy_process_group()
+            leave_group(ok)
 
 
 def _distill_files(
@@ -1160,11 +1185,14 @@ def cli_distill(args: Any) -> int:
             f"RBANK_DIST_TIMEOUT_S must be a positive number of seconds, got {os.environ['RBANK_DIST_TIMEOUT_S']!r}"
         ) from None
     w, created = init_from_env(None, timeout_s)
+    ok = False
     try:
-        return _cli_distill(w, args, C, ReadStats, MAX_KEPT_ERRORS)
+        code = _cli_distill(w, args, C, ReadStats, MAX_KEPT_ERRORS)
+        ok = True
+        return code
     finally:
-        if created and dist.is_initialized():
-            dist.destroy_process_group()
+        if created:
+            leave_group(ok)
 
 
 def _cli_distill(w: WorldInfo, args: Any, C: Any, ReadStats: Any, max_errors: int) -> int:
@@ -2008,11 +2036,13 @@ def _local_worker(
         dist.init_process_group(
             backend, rank=rank, world_size=world_size, timeout=_dt.timedelta(seconds=collective_timeout_s)
         )
+        ok = False
         try:
             value = fn(rank, world_size, *args)
             rec["result"] = json.loads(json.dumps(value))
+            ok = True
         finally:
-            dist.destroy_process_group()
+            leave_group(ok)
     except Exception as e:  # noqa: BLE001 - reported to the parent
         rec = {"error": f"{type(e).__name__}: {e}", "error_type": type(e).__name__, "trace": traceback.format_exc()}
         code = 1

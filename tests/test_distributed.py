@@ -351,8 +351,28 @@ def _pairs_crash_worker(rank: int, world: int) -> str:
     return "finished"
 
 
+def _leave_worker(rank: int, world: int) -> list:
+    """Collectives, then leave the group from inside ``fn``: spawn_local's own leave must then be a no-op."""
+    t = torch.tensor([float(rank + 1)])
+    dist.all_reduce(t)
+    D.leave_group()
+    return [float(t), dist.is_initialized()]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Pieces, in one process.
+
+
+def test_leave_group_without_a_group_is_a_noop():
+    assert not dist.is_initialized()
+    D.leave_group()
+    D.leave_group(ok=False)
+    assert not dist.is_initialized()
+
+
+def test_leave_group_twice_in_spawned_ranks():
+    outs = D.spawn_local(_leave_worker, 3, num_threads=1)
+    assert [o.result for o in outs] == [[6.0, False]] * 3
 
 
 def test_lesson_owner_is_a_stable_hash():

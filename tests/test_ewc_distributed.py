@@ -78,13 +78,24 @@ def _init(rank: int, port: int) -> None:
 USAGES = ("penalty", "grad")
 
 
+def _shutdown() -> None:
+    """Leave the group only once every rank is done with it: a rank that tears down its gloo
+    connections while its peer still uses them aborts the peer ("terminate called without an
+    active exception")."""
+    import gc
+
+    gc.collect()  # drop DDP reducers / FSDP state that still hold the group
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
     _init(rank, port)
     try:
         for usage in USAGES:
             _ddp_run(rank, out_dir, usage)
     finally:
-        dist.destroy_process_group()
+        _shutdown()
 
 
 def _ddp_run(rank: int, out_dir: str, usage: str) -> None:
@@ -108,7 +119,7 @@ def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
         for usage in USAGES:
             _fsdp_run(rank, out_dir, usage)
     finally:
-        dist.destroy_process_group()
+        _shutdown()
 
 
 def _fsdp_run(rank: int, out_dir: str, usage: str) -> None:
