@@ -849,8 +849,8 @@ class FaissBackend(SearchBackend):
                 keep = (sel_bits, sel)
             params = self._params(ix, sel)
         buf = self._buffer_search(qp, k)
-        xq = qp if qp.dtype == torch.float32 else qp.float()
-        xq = np.ascontiguousarray(xq.cpu().numpy()) if xq.device.type != "cpu" else xq.contiguous().numpy()
+        q32 = qp if qp.dtype == torch.float32 else qp.float()
+        xq = np.ascontiguousarray(q32.cpu().numpy()) if q32.device.type != "cpu" else q32.contiguous().numpy()
         ix.lock.acquire_read()
         return _SearchPlan(self, ix, xq, qsq, k, kf, params, bits, buf, keep)
 
@@ -881,7 +881,7 @@ class FaissBackend(SearchBackend):
         h = hashlib.blake2b(digest_size=16)
         e = self.store._emb[rows_by_slot.to(self.device)].cpu().contiguous()
         if e.numel():
-            h.update(memoryview(e.view(torch.uint8).numpy()))
+            h.update(e.view(torch.uint8).numpy().data)
         h.update(np.ascontiguousarray(slot_pos, dtype="<i8").tobytes())
         return h.hexdigest()
 

@@ -181,7 +181,12 @@ class ReasoningBank:
     def _attach_journal(self, journal: bool | str | os.PathLike, fsync: str, after_seq: int) -> None:
         from .journal import Journal, JournalError
 
-        path = os.path.join(self._config.storage_path, "bank.journal") if journal is True else os.fspath(journal)
+        if journal is True:
+            path = os.path.join(self._config.storage_path, "bank.journal")
+        elif journal is False:
+            raise ValueError("journal must be True or a path to attach a journal")
+        else:
+            path = os.fspath(journal)
         j = Journal(path, fsync=fsync)
         base = j._base_seq()
         if base > after_seq:

@@ -673,13 +673,14 @@ class _Accumulator:
             self.obs_row.append(rows)
             self.obs_source.append(np.asarray(ch.t_id, dtype=np.int64)[traj])
         if ch.comp:
+            assert ct_emb is not None  # compressed trajectories always come with their embeddings
             now = utcnow()
             out = self.compressed
-            for (t, ka, cat), e in zip(ch.comp, ct_emb.unbind(0)):
+            for (t, ka, cat), key_emb in zip(ch.comp, ct_emb.unbind(0)):
                 out.append(
                     CompressedTrajectory(
                         int(t.id),
-                        e,
+                        key_emb,
                         t.verdict,
                         float(t.quality),
                         list(t.lessons),

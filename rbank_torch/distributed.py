@@ -242,7 +242,7 @@ def _short(e: BaseException, limit: int = 400) -> str:
 def _group_timeout(w: WorldInfo) -> _dt.timedelta:
     """The collective timeout of ``w``'s process group (``DEFAULT_TIMEOUT_S`` when it cannot be read)."""
     try:
-        pg = w.group if w.group is not None else dist.group.WORLD
+        pg: Any = w.group if w.group is not None else dist.group.WORLD
         return pg._get_backend(torch.device("cpu")).options._timeout
     except Exception:  # private API: fall back to the module default
         return _dt.timedelta(seconds=DEFAULT_TIMEOUT_S)
@@ -1259,13 +1259,14 @@ def _cli_distill(w: WorldInfo, args: Any, C: Any, ReadStats: Any, max_errors: in
     if w.rank == 0:
         try:
             assert result is not None and got is not None
-            total = {"lines": 0, "bad_lines": 0, "errors": [], "embedded_from_text": 0}
+            read_counts = {"lines": 0, "bad_lines": 0, "embedded_from_text": 0}
+            errors: list[str] = []
             for r, blob in enumerate(got):
                 _, s = _unpack(blob, f"read statistics of rank {r}")
-                for k in ("lines", "bad_lines", "embedded_from_text"):
-                    total[k] += int(s[k])
-                total["errors"].extend(str(x) for x in s["errors"])
-            total["errors"] = total["errors"][:max_errors]
+                for k in read_counts:
+                    read_counts[k] += int(s[k])
+                errors.extend(str(x) for x in s["errors"])
+            total: dict[str, Any] = {**read_counts, "errors": errors[:max_errors]}
             summary = _write_cli_distilled(C, args, paths, cfg, result, total, read_s, t0)
         except Exception as e:  # noqa: BLE001
             err = e
@@ -1414,7 +1415,7 @@ class _Band:
             ends = torch.searchsorted(sorted_cats, sorted_cats, right=True)  # [N] end of each row's span
             self.perm: torch.Tensor | None = perm
             self.cats_sorted: torch.Tensor | None = sorted_cats
-            self.ends = ends
+            self.ends: torch.Tensor | None = ends
         else:
             self.perm = None
             self.cats_sorted = None

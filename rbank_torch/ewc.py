@@ -39,7 +39,7 @@ import tempfile
 import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 import torch
 from torch import nn
@@ -62,7 +62,7 @@ FORMAT_VERSION = 1
 Mode = Literal["online", "multi_task"]
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
+def _is_dtensor(t: torch.Tensor) -> TypeGuard[DTensor]:
     return DTensor is not None and isinstance(t, DTensor)
 
 
@@ -99,7 +99,7 @@ class _Penalty(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, ewc: EWCPlusPlus, *params: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, ewc: EWCPlusPlus, *params: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             value, weighted = ewc._penalty_forward(list(params))
         ctx.ewc = ewc
@@ -108,7 +108,7 @@ class _Penalty(torch.autograd.Function):
         return value
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         ewc: EWCPlusPlus = ctx.ewc
         weighted: list[torch.Tensor] | None = ctx.weighted
         ctx.weighted = None  # handed over to update_fisher, which may reuse its memory
@@ -281,7 +281,7 @@ class EWCPlusPlus:
             out.append((loc.device, loc.dtype, loc.shape))
         return out
 
-    def _build(self, per_param: dict[str, list[torch.Tensor | None]] | None) -> None:
+    def _build(self, per_param: Mapping[str, Any] | None) -> None:
         """(Re)build the flat groups from per-parameter tensors (``None``: fresh zero state)."""
         meta = self._current_meta()
         self._meta = meta
@@ -523,7 +523,7 @@ class EWCPlusPlus:
         flags: list[torch.Tensor] = []
         task_grads_all: list[torch.Tensor | None] = [None] * len(self._params)
         active: list[_Group] = []
-        host_work: list[tuple[_Group, list[int], list[torch.Tensor]]] = []
+        host_work: list[tuple[_Group, list[int], list[torch.Tensor] | tuple[torch.Tensor, ...]]] = []
         for g in self._groups:
             present = [j for j, i in enumerate(g.idx) if grads[i] is not None]
             if not present:
@@ -532,8 +532,9 @@ class EWCPlusPlus:
             host = self._host_select and g.device.type == "cpu"
             if not host:
                 torch.mul(g.fisher.flat, decay, out=g.scratch.flat)  # [M]
-            gs = [grads[g.idx[j]] for j in present]
+            gs: list[torch.Tensor] | tuple[torch.Tensor, ...] = [t for i in g.idx if (t := grads[i]) is not None]
             if coef is not None:
+                tg: list[torch.Tensor] | tuple[torch.Tensor, ...]
                 if self._pen_weighted is not None:  # F*·(θ − θ*) handed over by the penalty (ours to reuse)
                     tg = [self._pen_weighted[g.idx[j]] for j in present]
                 else:
@@ -551,8 +552,8 @@ class EWCPlusPlus:
             if host:
                 # NOTE: on CPU the flag is read on the host (there is no device to wait for) and F is
                 # updated in place when finite: 7 passes over memory instead of 10 for scratch + where.
-                norms = torch._foreach_norm(gs, 2, dtype=torch.promote_types(torch.float32, g.pdtype))
-                flags.append(torch.isfinite(torch.stack(norms).sum()).to(self._primary))
+                gnorms = torch._foreach_norm(gs, 2, dtype=torch.promote_types(torch.float32, g.pdtype))
+                flags.append(torch.isfinite(torch.stack(gnorms).sum()).to(self._primary))
                 host_work.append((g, present, gs))
                 continue
             sv = [g.scratch.views[j] for j in present]
@@ -604,9 +605,9 @@ class EWCPlusPlus:
         present = [i for i, t in enumerate(grads) if t is not None]
         if not present:
             return zero.expand(len(grads)).clone()
-        tensors = [grads[i] for i in present]
+        tensors = [t for t in grads if t is not None]
         sq: list[torch.Tensor] = [zero] * len(grads)  # a missing gradient stays 0 (no host index tensor)
-        for (_d, dt), idx in group_by_device_dtype(tensors).items():  # type: ignore[arg-type]
+        for (_d, dt), idx in group_by_device_dtype(tensors).items():
             norms = torch._foreach_norm([tensors[k] for k in idx], 2, dtype=torch.promote_types(torch.float32, dt))
             for k, n in zip(idx, norms):
                 sq[present[k]] = n.to(self._primary, torch.float32)
@@ -744,7 +745,7 @@ class EWCPlusPlus:
             return
         grads = self._local_grads()
         for g in self._groups:
-            pairs = [(grads[i], g.fisher_star.views[j]) for j, i in enumerate(g.idx) if grads[i] is not None]
+            pairs = [(t, g.fisher_star.views[j]) for j, i in enumerate(g.idx) if (t := grads[i]) is not None]
             if pairs:
                 constrain_([a for a, _ in pairs], [b for _, b in pairs], self._lambda)
 
@@ -1091,6 +1092,7 @@ def _check_nonneg(value: Any, name: str) -> float:
 def _collect_params(
     src: nn.Module | Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor],
 ) -> tuple[list[str], list[torch.Tensor]]:
+    pairs: list[tuple[str, torch.Tensor]]
     if isinstance(src, nn.Module):
         pairs = [(n, p) for n, p in src.named_parameters() if p.requires_grad]
     elif isinstance(src, Mapping):

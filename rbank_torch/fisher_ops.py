@@ -73,12 +73,12 @@ class FlatBuffer:
     @classmethod
     def wrap(cls, flat: torch.Tensor, shapes: Sequence[Sequence[int]]) -> FlatBuffer:
         """Build the views of ``shapes`` over an existing 1-D ``flat`` tensor of the right length."""
-        shapes = [torch.Size(s) for s in shapes]
-        numels = [s.numel() for s in shapes]
+        sizes = [torch.Size(s) for s in shapes]
+        numels = [s.numel() for s in sizes]
         if flat.dim() != 1 or flat.numel() != sum(numels):
             raise ValueError(f"flat must be 1-D with {sum(numels)} elements, got shape {tuple(flat.shape)}")
-        views = [v.view(s) for v, s in zip(flat.split(numels), shapes)] if shapes else []
-        return cls(flat, views, shapes)
+        views = [v.view(s) for v, s in zip(flat.split(numels), sizes)] if sizes else []
+        return cls(flat, views, sizes)
 
     @classmethod
     def zeros(

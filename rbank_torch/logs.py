@@ -19,7 +19,6 @@ Example:
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import math
 import os
@@ -30,7 +29,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, BinaryIO
 
 import numpy as np
 import torch
@@ -409,10 +408,10 @@ def _step(s: Any, i: int, started: datetime) -> tuple[TrajectoryStep, str | None
     if not s.keys().isdisjoint(_STEP_META_FIELDS):
         tool = _opt_str(tool, fld + ".tool")
         model = _opt_str(model, fld + ".model")
-        tin = s.get("input_tokens")
-        tin = 0 if tin is None else _count(tin, fld + ".input_tokens")
-        tout = s.get("output_tokens")
-        tout = 0 if tout is None else _count(tout, fld + ".output_tokens")
+        raw_in = s.get("input_tokens")
+        tin = 0 if raw_in is None else _count(raw_in, fld + ".input_tokens")
+        raw_out = s.get("output_tokens")
+        tout = 0 if raw_out is None else _count(raw_out, fld + ".output_tokens")
         tags = _str_list(s.get("tags"), fld + ".tags")
         attrs = _attrs(s.get("attributes"), fld + ".attributes")
         if tool is not None or model is not None or tin or tout or tags or attrs:
@@ -693,8 +692,8 @@ class _ChunkBuilder:
                     self.bad(self.lines[i], "query_embedding", "missing, and no text model was given to embed 'query'")
             else:
                 texts = [self.queries[i] for i in pending_text.tolist()]
-                uniq = list(dict.fromkeys(texts))  # type: ignore[arg-type]
-                e = self.embed(uniq)  # type: ignore[arg-type]
+                uniq = list(dict.fromkeys(texts))
+                e = self.embed(uniq)
                 if not isinstance(e, torch.Tensor) or e.dim() != 2 or e.shape[0] != len(uniq):
                     raise ValueError("the text model returned embeddings of the wrong shape")
                 d = self.dim[0]
@@ -785,9 +784,9 @@ def _decode_line(raw: bytes, fast: bool) -> tuple[Any, bytes | None, int]:
     return json.loads(raw), None, 0
 
 
-def _open_text(path: Path) -> io.BufferedReader | gzip.GzipFile:
+def _open_text(path: Path) -> BinaryIO:
     if str(path).endswith(".gz"):
-        return gzip.open(path, "rb")
+        return gzip.open(path, "rb")  # type: ignore[return-value]  # GzipFile implements BinaryIO's methods
     return open(path, "rb", buffering=1 << 20)
 
 
@@ -1037,20 +1036,20 @@ def trajectory_to_record(
     rec["verdict"] = v["kind"] if len(v) == 1 else v
     rec["quality"] = t.quality
     md = t.metadata
-    m: dict[str, Any] = {}
+    meta: dict[str, Any] = {}
     for k in ("session_id", "user_id", "request_type"):
         if getattr(md, k) is not None:
-            m[k] = getattr(md, k)
+            meta[k] = getattr(md, k)
     for k in ("total_input_tokens", "total_output_tokens"):
         if getattr(md, k):
-            m[k] = getattr(md, k)
+            meta[k] = getattr(md, k)
     for k in ("models_used", "tools_invoked", "tags"):
         if getattr(md, k):
-            m[k] = list(getattr(md, k))
+            meta[k] = list(getattr(md, k))
     if attrs:
-        m["attributes"] = attrs
-    if m:
-        rec["metadata"] = m
+        meta["attributes"] = attrs
+    if meta:
+        rec["metadata"] = meta
     if t.lessons:
         rec["lessons"] = list(t.lessons)
     rec["started_at"] = _iso(t.started_at)
@@ -1069,8 +1068,8 @@ def write_jsonl(items: Iterable[Trajectory | dict[str, Any]], path: str | os.Pat
     """Write trajectories (or ready records) as a JSONL log; returns the number of lines written."""
     n = 0
     p = Path(path)
-    opener = gzip.open if str(p).endswith(".gz") else open
-    with opener(p, "wt", encoding="utf-8") as f:  # type: ignore[operator]
+    f: IO[str]
+    with gzip.open(p, "wt", encoding="utf-8") if str(p).endswith(".gz") else open(p, "w", encoding="utf-8") as f:
         for rec in _records(items):
             f.write(json.dumps(rec, ensure_ascii=False, allow_nan=False, separators=(",", ":")))
             f.write("\n")

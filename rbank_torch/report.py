@@ -390,8 +390,8 @@ def build_report(
             by_cat = {names[int(c)]: int(k) for c, k in zip(cc.tolist(), cnt.tolist())}
         cats_all = set(by_cat)
         if cons:
-            for k in ("before", "after"):
-                cats_all |= set((cons.get(k) or {}).get("by_category") or {})
+            for when in ("before", "after"):
+                cats_all |= set((cons.get(when) or {}).get("by_category") or {})
         colours = _colours(sorted(cats_all))
         emb = cols["embedding"].to("cpu", torch.float32)
         unit = emb / emb.norm(dim=1, keepdim=True).clamp_min(1e-12) if n else emb  # [N, D]

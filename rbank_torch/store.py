@@ -1002,7 +1002,7 @@ class PatternStore:
             )
 
     # ------------------------------------------------------------------ column access for bulk work
-    def columns(self) -> dict[str, torch.Tensor]:
+    def columns(self) -> dict[str, Any]:
         """Live rows as columns in ascending id order (copies): ``embedding [N, D]``, ``id``, ``confidence``,
         ``usage_count``, ``success_count``, ``avg_quality``, ``created_us``, ``last_accessed_us``,
         ``category_code`` ``[N]``; plus ``category_names`` (list, indexed by code)."""
@@ -1020,7 +1020,7 @@ class PatternStore:
                 "created_us": self._created[rows],
                 "last_accessed_us": self._last[rows],
                 "category_code": self._cat[rows],
-                "category_names": list(self._cat_names),  # type: ignore[dict-item]
+                "category_names": list(self._cat_names),
             }
 
     # ------------------------------------------------------------------ snapshots
@@ -1035,7 +1035,7 @@ class PatternStore:
             rows = self._live_rows()
             rows = rows[torch.argsort(self._ids[rows])]
             rl = rows.tolist()
-            side = json.dumps([self._side[r].to_json() for r in rl], ensure_ascii=False)  # type: ignore[union-attr]
+            side = json.dumps([self._side[r].to_json() for r in rl], ensure_ascii=False)
             data, offs = encode_strings([side])
             t = {
                 prefix + "embedding": self._emb[rows],

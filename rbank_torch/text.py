@@ -76,7 +76,10 @@ class TextEmbedder:
     def dim(self) -> int:
         """Embedding dimension D."""
         get = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
-        return int(get())
+        d = get()
+        if d is None:
+            raise RuntimeError("the text model does not report its embedding dimension")
+        return int(d)
 
     def encode(self, texts: Sequence[str], show_progress: bool = False) -> torch.Tensor:
         """Embed texts.
