@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -996,7 +995,10 @@ class EWCPlusPlus:
             "shapes": json.dumps(self._shapes()),
             "local_shards": "1" if self._sharded() else "0",
         }
-        _atomic_write(os.fspath(path), st_save(tensors, metadata=meta))
+        from .snapshot import atomic_write_bytes
+
+        data = st_save(tensors, metadata=meta)
+        atomic_write_bytes(path, lambda f: f.write(data))
 
     def load(self, path: str | os.PathLike[str]) -> None:
         """Load a file written by :meth:`save` (no code is executed; names and shapes are validated).
@@ -1127,29 +1129,3 @@ def _collect_params(
         names.append(name)
         params.append(p)
     return names, params
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:
-        dfd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)

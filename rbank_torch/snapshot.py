@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import tempfile
 import zlib
 from collections.abc import Mapping
@@ -32,6 +34,7 @@ __all__ = [
     "encode_strings",
     "decode_strings",
     "atomic_write_bytes",
+    "remove_stale_temps",
 ]
 
 #: current on-disk format version (bumped on incompatible changes)
@@ -65,14 +68,68 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:40] or "host"
+
+
+def _temp_prefix(path: Path) -> str:
+    """``.<name>.<host>-<pid>.``: the temp files of one writer process, recognisable after it died."""
+    return f".{path.name}.{_host_tag()}-{os.getpid()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's), or cannot tell: keep its file
+    return True
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[str]:
+    """Delete the temp files that writers of ``path`` killed mid-write left next to it.
+
+    Only files named by :func:`atomic_write_bytes` for ``path`` on *this* host whose writer process no
+    longer exists are removed (a live writer's file, or one from another host sharing the folder, is
+    kept). Called after every successful atomic write; safe to call any time.
+
+    Returns:
+        the paths removed.
+    """
+    path = Path(path)
+    pat = re.compile(rf"^\.{re.escape(path.name)}\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>[0-9]+)\..*\.tmp$")
+    host, me = _host_tag(), os.getpid()
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pat.match(entry.name)
+        if m is None or m["host"] != host:
+            continue
+        pid = int(m["pid"])
+        if pid == me or _pid_alive(pid):
+            continue
+        try:
+            os.unlink(entry.path)
+            removed.append(entry.path)
+        except OSError:
+            pass
+    return removed
+
+
 def atomic_write_bytes(path: str | os.PathLike, data_writer) -> None:
     """Write a file atomically: temp file in the same folder, fsync, ``os.replace``, fsync the folder.
 
-    ``data_writer(fileobj)`` writes the content. On any error the destination is left untouched.
+    ``data_writer(fileobj)`` writes the content. On any error the destination is left untouched and the
+    temp file removed; a temp file left by a writer that was killed is removed by the next successful
+    write of the same path (:func:`remove_stale_temps`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=str(path.parent))
     try:
         with os.fdopen(fd, "wb") as f:
             data_writer(f)
@@ -86,6 +143,7 @@ def atomic_write_bytes(path: str | os.PathLike, data_writer) -> None:
             pass
         raise
     _fsync_dir(path.parent)
+    remove_stale_temps(path)
 
 
 def write_snapshot(path: str | os.PathLike, fmt: str, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
