@@ -17,6 +17,7 @@ import json
 import os
 import re
 import socket
+import stat
 import tempfile
 import zlib
 from collections.abc import Mapping
@@ -120,6 +121,29 @@ def remove_stale_temps(path: str | os.PathLike) -> list[str]:
     return removed
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux ``/proc``)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)  # elsewhere: read by setting (briefly process-wide) and restoring
+    os.umask(old)
+    return old
+
+
+def _target_mode(path: Path) -> int:
+    """Permission bits for the file at ``path``: those of the file it replaces, else ``0o666 & ~umask``
+    (what ``open(path, "w")`` would give), not the owner-only mode of a fresh temp file."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data_writer) -> None:
     """Write a file atomically: temp file in the same folder, fsync, ``os.replace``, fsync the folder.
 
@@ -134,6 +158,8 @@ def atomic_write_bytes(path: str | os.PathLike, data_writer) -> None:
         with os.fdopen(fd, "wb") as f:
             data_writer(f)
             f.flush()
+            if hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), _target_mode(path))
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -75,3 +75,16 @@ def test_writer_killed_mid_write_leaves_target_intact_and_temp_is_cleaned(tmp_pa
     back.load(target)
     for k, v in ewc.fisher.items():
         assert torch.equal(back.fisher[k], v) and float(v.abs().sum()) > 0
+
+
+def test_written_files_get_umask_permissions_or_keep_the_old_ones(tmp_path: Path) -> None:
+    target = tmp_path / "bank.safetensors"
+    old = os.umask(0o027)
+    try:
+        atomic_write_bytes(target, lambda f: f.write(b"a"))
+    finally:
+        os.umask(old)
+    assert (target.stat().st_mode & 0o777) == 0o640  # 0o666 & ~0o027, not the temp file's 0o600
+    os.chmod(target, 0o604)
+    atomic_write_bytes(target, lambda f: f.write(b"b"))
+    assert (target.stat().st_mode & 0o777) == 0o604 and target.read_bytes() == b"b"  # replacing keeps the mode
