@@ -69,18 +69,26 @@ class ConsolidationConfig:
     auto_adapt_lambda: bool = True
 
     def validate(self) -> None:
-        if not 0 < self.min_lambda <= self.max_lambda:
-            raise ValueError("min_lambda must be > 0 and <= max_lambda")
-        if self.lambda_ < 0:
-            raise ValueError(f"lambda_ must be >= 0, got {self.lambda_}")
+        """Raise ``ValueError`` naming the first field that is not a finite number in its range."""
+        lam = check_finite_number(self.lambda_, "lambda_")
+        lo = check_finite_number(self.min_lambda, "min_lambda")
+        hi = check_finite_number(self.max_lambda, "max_lambda")
+        if not 0 < lo <= hi:
+            raise ValueError(f"min_lambda must be > 0 and <= max_lambda, got {lo} and {hi}")
+        if lam < 0:
+            raise ValueError(f"lambda_ must be >= 0, got {lam}")
         check_unit(self.fisher_decay, "fisher_decay")
         check_unit(self.min_quality_threshold, "min_quality_threshold")
-        if not -1.0 <= float(self.merge_similarity_threshold) <= 1.0:
-            raise ValueError("merge_similarity_threshold must be within [-1, 1]")
-        if self.max_unused_age_secs <= 0:
-            raise ValueError("max_unused_age_secs must be > 0")
-        if self.min_usage_for_importance < 0:
-            raise ValueError("min_usage_for_importance must be >= 0")
+        thr = check_finite_number(self.merge_similarity_threshold, "merge_similarity_threshold")
+        if not -1.0 <= thr <= 1.0:
+            raise ValueError(f"merge_similarity_threshold must be within [-1, 1], got {thr}")
+        if check_finite_number(self.max_unused_age_secs, "max_unused_age_secs") <= 0:
+            raise ValueError(f"max_unused_age_secs must be > 0, got {self.max_unused_age_secs}")
+        usage = check_finite_number(self.min_usage_for_importance, "min_usage_for_importance")
+        if usage < 0 or usage != int(usage):
+            raise ValueError(f"min_usage_for_importance must be an integer >= 0, got {self.min_usage_for_importance}")
+        if not isinstance(self.auto_adapt_lambda, (bool, int)):
+            raise ValueError(f"auto_adapt_lambda must be a bool, got {self.auto_adapt_lambda!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -224,7 +232,7 @@ class ImportanceScore:
             max_age_secs: recency time constant.
             now: the time ages are measured at (default: now).
         """
-        if max_age_secs <= 0:
+        if not check_finite_number(max_age_secs, "max_age_secs") > 0:
             raise ValueError(f"max_age_secs must be > 0, got {max_age_secs!r}")
         usage, success, quality, age = cls._columns(patterns, now)
         return importance_scores(usage, success, quality, age, float(max_age_secs), fisher_mean, has_fisher)
@@ -249,7 +257,7 @@ class ImportanceScore:
         now: datetime | None = None,
     ) -> list[ImportanceScore]:
         """Importance of many patterns at once (tensor maths), with their factors."""
-        if max_age_secs <= 0:
+        if not check_finite_number(max_age_secs, "max_age_secs") > 0:
             raise ValueError(f"max_age_secs must be > 0, got {max_age_secs!r}")
         n = len(patterns)
         if fishers is not None and len(fishers) != n:

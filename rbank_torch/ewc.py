@@ -918,40 +918,116 @@ class EWCPlusPlus:
             return out
 
         tasks = state.get("tasks", [])
+        if not isinstance(tasks, (list, tuple)):
+            raise ValueError(f"state['tasks'] must be a list, got {type(tasks).__name__}")
+        for k, t in enumerate(tasks):
+            if not isinstance(t, Mapping) or "fisher" not in t or "theta_star" not in t:
+                raise ValueError(f"state['tasks'][{k}] must be a mapping with 'fisher' and 'theta_star'")
+        for key in ("fisher", "fisher_star", "theta_star", "lambda", "num_tasks", "consolidated", "counters"):
+            if key not in state:
+                raise ValueError(f"state[{key!r}] is missing")
+        fisher = unwrap("fisher", state["fisher"])
+        fisher_star = unwrap("fisher_star", state["fisher_star"])
+        theta_star = unwrap("theta_star", state["theta_star"])
+        tasks_fisher = [unwrap(f"tasks[{k}].fisher", t["fisher"]) for k, t in enumerate(tasks)]
+        tasks_theta = [unwrap(f"tasks[{k}].theta_star", t["theta_star"]) for k, t in enumerate(tasks)]
+        # every value is checked before anything is assigned: a bad state changes nothing
+        for section, flat in (
+            ("fisher", fisher),
+            ("fisher_star", fisher_star),
+            ("tasks[].fisher", [t for ts in tasks_fisher for t in ts]),
+        ):
+            for t in flat:
+                if t.numel() and not bool(torch.isfinite(t).all() and (t >= 0).all()):
+                    raise ValueError(f"state[{section!r}] must hold finite values >= 0 (a Fisher diagonal)")
+        for section, flat in (("theta_star", theta_star), ("tasks[].theta_star", [t for ts in tasks_theta for t in ts])):
+            for t in flat:
+                if t.numel() and not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"state[{section!r}] must hold finite values")
         per_param = {
-            "fisher": unwrap("fisher", state["fisher"]),
-            "fisher_star": unwrap("fisher_star", state["fisher_star"]),
-            "theta_star": unwrap("theta_star", state["theta_star"]),
-            "tasks_fisher": [unwrap(f"tasks[{k}].fisher", t["fisher"]) for k, t in enumerate(tasks)],
-            "tasks_theta": [unwrap(f"tasks[{k}].theta_star", t["theta_star"]) for k, t in enumerate(tasks)],
+            "fisher": fisher,
+            "fisher_star": fisher_star,
+            "theta_star": theta_star,
+            "tasks_fisher": tasks_fisher,
+            "tasks_theta": tasks_theta,
         }
-        self._base_lambda = _check_nonneg(cfg["base_lambda"], "state['config']['base_lambda']")
-        decay = float(cfg["decay"])
+
+        def num(key: str, value: Any, kind: type = float) -> Any:
+            try:
+                v = kind(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{key} must be a number, got {value!r}") from None
+            if kind is float and not math.isfinite(v):
+                raise ValueError(f"{key} must be finite, got {value!r}")
+            return v
+
+        for key in ("base_lambda", "decay", "max_tasks", "adapt_lambda", "min_lambda", "max_lambda",
+                    "bias_correction"):
+            if key not in cfg:
+                raise ValueError(f"state['config'][{key!r}] is missing")
+        base_lambda = _check_nonneg(cfg["base_lambda"], "state['config']['base_lambda']")
+        decay = num("state['config']['decay']", cfg["decay"])
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"state['config']['decay'] must be within [0, 1), got {decay}")
+        max_tasks = num("state['config']['max_tasks']", cfg["max_tasks"], int)
+        if max_tasks < 1:
+            raise ValueError(f"state['config']['max_tasks'] must be >= 1, got {max_tasks}")
+        if len(tasks) > max_tasks:
+            raise ValueError(f"state['tasks'] holds {len(tasks)} task buffers, more than max_tasks={max_tasks}")
+        min_lambda = _check_nonneg(cfg["min_lambda"], "state['config']['min_lambda']")
+        max_lambda = _check_nonneg(cfg["max_lambda"], "state['config']['max_lambda']")
+        if min_lambda > max_lambda:
+            raise ValueError(f"state['config']['min_lambda'] ({min_lambda}) must not exceed max_lambda ({max_lambda})")
+        lam = _check_nonneg(state["lambda"], "state['lambda']")
+        num_tasks = num("state['num_tasks']", state["num_tasks"], int)
+        if num_tasks < 0:
+            raise ValueError(f"state['num_tasks'] must be >= 0, got {num_tasks}")
+        counters_in = state["counters"]
+        if not isinstance(counters_in, Mapping):
+            raise ValueError("state['counters'] must be a mapping")
+        counters: list[tuple[str, torch.Tensor]] = []
+        for key, attr in (("updates", "_updates"), ("skipped", "_skipped"), ("since_reset", "_since_reset")):
+            if key not in counters_in:
+                raise ValueError(f"state['counters'][{key!r}] is missing")
+            v = torch.as_tensor(counters_in[key])
+            if v.numel() != 1 or not bool(torch.isfinite(v.double()).all()) or float(v) < 0:
+                raise ValueError(f"state['counters'][{key!r}] must be one count >= 0, got {counters_in[key]!r}")
+            counters.append((attr, v.reshape(getattr(self, attr).shape)))
+        boundary: list[tuple[str, torch.Tensor]] = []
+        bd = state.get("boundary")
+        if bd is not None:
+            if not isinstance(bd, Mapping):
+                raise ValueError("state['boundary'] must be a mapping")
+            for key, attr in (("n", "_bd_n"), ("mean", "_bd_mean"), ("m2", "_bd_m2"), ("run", "_bd_run"),
+                              ("flag", "_bd_flag"), ("score", "_bd_score")):
+                if key not in bd:
+                    raise ValueError(f"state['boundary'][{key!r}] is missing")
+                v = torch.as_tensor(bd[key])
+                want = tuple(getattr(self, attr).shape)
+                if tuple(v.shape) != want:
+                    raise ValueError(f"state['boundary'][{key!r}] must have shape {want}, got {tuple(v.shape)}")
+                if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                    raise ValueError(f"state['boundary'][{key!r}] must hold finite values")
+                boundary.append((attr, v))
+
+        # apply
+        self._base_lambda = base_lambda
         self.decay = decay
         self.mode = mode
-        self.max_tasks = int(cfg["max_tasks"])
+        self.max_tasks = max_tasks
         self.adapt_lambda = bool(cfg["adapt_lambda"])
-        self.min_lambda = float(cfg["min_lambda"])
-        self.max_lambda = float(cfg["max_lambda"])
+        self.min_lambda = min_lambda
+        self.max_lambda = max_lambda
         self.bias_correction = bool(cfg["bias_correction"])
-        self._lambda = _check_nonneg(state["lambda"], "state['lambda']")
-        self._num_tasks = int(state["num_tasks"])
+        self._lambda = lam
+        self._num_tasks = num_tasks
         self._consolidated = bool(state["consolidated"])
         self._build(per_param)
         dev = self._primary
-        for key, attr in (("updates", "_updates"), ("skipped", "_skipped"), ("since_reset", "_since_reset")):
-            getattr(self, attr).copy_(torch.as_tensor(state["counters"][key]).to(dev))
-        bd = state.get("boundary")
-        if bd is not None:
-            n = len(self._params)
-            for key, attr in (("n", "_bd_n"), ("mean", "_bd_mean"), ("m2", "_bd_m2"), ("run", "_bd_run"),
-                              ("flag", "_bd_flag"), ("score", "_bd_score")):
-                v = torch.as_tensor(bd[key]).to(dev)
-                if key in ("mean", "m2") and tuple(v.shape) != (n,):
-                    raise ValueError(f"state['boundary'][{key!r}] must have shape ({n},), got {tuple(v.shape)}")
-                getattr(self, attr).copy_(v)
+        for attr, v in counters:
+            getattr(self, attr).copy_(v.to(dev))
+        for attr, v in boundary:
+            getattr(self, attr).copy_(v.to(dev))
         self.reset_penalty_tracking()
 
     def save(self, path: str | os.PathLike[str]) -> None:

@@ -105,6 +105,40 @@ def test_config_defaults() -> None:
     assert c.max_unused_age_secs == 7 * 86_400 and c.auto_adapt_lambda is True
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "msg"),
+    [
+        ("lambda_", float("nan"), "lambda_ must be finite"),
+        ("lambda_", -1.0, "lambda_ must be >= 0"),
+        ("min_lambda", float("inf"), "min_lambda must be finite"),
+        ("max_lambda", 50.0, "min_lambda must be > 0 and <= max_lambda"),
+        ("fisher_decay", float("nan"), "fisher_decay"),
+        ("min_quality_threshold", 1.5, "min_quality_threshold must be within"),
+        ("merge_similarity_threshold", float("nan"), "merge_similarity_threshold must be finite"),
+        ("merge_similarity_threshold", 1.01, "merge_similarity_threshold must be within"),
+        ("max_unused_age_secs", float("nan"), "max_unused_age_secs must be finite"),
+        ("max_unused_age_secs", float("inf"), "max_unused_age_secs must be finite"),
+        ("max_unused_age_secs", 0, "max_unused_age_secs must be > 0"),
+        ("min_usage_for_importance", float("nan"), "min_usage_for_importance must be finite"),
+        ("min_usage_for_importance", 2.5, "min_usage_for_importance must be an integer"),
+        ("min_usage_for_importance", -1, "min_usage_for_importance must be an integer >= 0"),
+    ],
+)
+def test_config_rejects_bad_fields(field: str, value: float, msg: str) -> None:
+    cfg = ConsolidationConfig(**{field: value})
+    with pytest.raises(ValueError, match=msg):
+        cfg.validate()
+    with pytest.raises(ValueError, match=msg):
+        PatternConsolidator(cfg)
+
+
+def test_importance_rejects_non_finite_age() -> None:
+    p = Pattern.new(torch.ones(4), "general", 0.5)
+    for bad in (float("nan"), float("inf"), 0.0):
+        with pytest.raises(ValueError, match="max_age_secs"):
+            ImportanceScore.compute(p, None, max_age_secs=bad)
+
+
 def test_fisher_new_update_and_wrong_length() -> None:
     f = FisherInformation(3)
     assert torch.equal(f.diagonal, torch.ones(3)) and torch.equal(f.ema_grad_squared, torch.zeros(3))

@@ -495,6 +495,72 @@ def test_load_state_dict_errors_name_the_key() -> None:
         EWCPlusPlus(m).load_state_dict({"format": "other"})
 
 
+def _bad_states(sd: dict) -> list[tuple[str, dict]]:
+    """(expected message, state) pairs, each wrong in one place only."""
+    import copy
+
+    out = []
+
+    def variant(msg: str, edit) -> None:
+        d = copy.deepcopy(sd)
+        edit(d)
+        out.append((msg, d))
+
+    variant(r"state\['lambda'\] must be a finite", lambda d: d.__setitem__("lambda", float("nan")))
+    variant(r"'decay'\] must be within", lambda d: d["config"].__setitem__("decay", 1.5))
+    variant(r"min_lambda'\] \(50000.0\) must not exceed", lambda d: d["config"].update(min_lambda=5e4, max_lambda=1e4))
+    variant(r"'counters'\] is missing", lambda d: d.pop("counters"))
+    variant(r"'counters'\]\['skipped'\] must be one count", lambda d: d["counters"].__setitem__("skipped", -1))
+    variant(r"'mode'", lambda d: d["config"].__setitem__("mode", "sometimes"))
+    variant(r"'max_tasks'\] is missing", lambda d: d["config"].pop("max_tasks"))
+
+    def nan_fisher(d: dict) -> None:
+        k = next(iter(d["fisher"]))
+        d["fisher"][k] = d["fisher"][k].clone()
+        d["fisher"][k].view(-1)[0] = float("nan")
+
+    def neg_fisher(d: dict) -> None:
+        k = next(iter(d["fisher_star"]))
+        d["fisher_star"][k] = d["fisher_star"][k].clone()
+        d["fisher_star"][k].view(-1)[0] = -1.0
+
+    def inf_theta(d: dict) -> None:
+        k = next(iter(d["theta_star"]))
+        d["theta_star"][k] = d["theta_star"][k].clone()
+        d["theta_star"][k].view(-1)[0] = float("inf")
+
+    variant(r"state\['fisher'\] must hold finite values >= 0", nan_fisher)
+    variant(r"state\['fisher_star'\] must hold finite values >= 0", neg_fisher)
+    variant(r"state\['theta_star'\] must hold finite values", inf_theta)
+    return out
+
+
+def test_bad_state_raises_and_changes_nothing(tmp_path) -> None:
+    m, ewc = _trained_ewc()
+    good = ewc.state_dict()
+    target = EWCPlusPlus(m, lambda_=5.0, decay=0.3, max_tasks=4, min_lambda=1.0, max_lambda=10.0)
+    x, y = _data()
+    m.zero_grad()
+    F_.cross_entropy(m(x), y).backward()
+    target.update_fisher()
+    before_fisher = _clone(target.fisher)
+    before = (target.decay, target.mode, target.max_tasks, target.min_lambda, target.max_lambda, float(target.lambda_),
+              int(target.num_updates), int(target.skipped_steps))
+    for msg, bad in _bad_states(good):
+        with pytest.raises(ValueError, match=msg):
+            target.load_state_dict(bad)
+        after = (target.decay, target.mode, target.max_tasks, target.min_lambda, target.max_lambda,
+                 float(target.lambda_), int(target.num_updates), int(target.skipped_steps))
+        assert after == before, msg
+        for k, v in target.fisher.items():
+            assert torch.equal(v, before_fisher[k]), msg
+    # the good state still loads, and the same checks guard load() from a file
+    target.load_state_dict(good)
+    assert target.decay == ewc.decay and float(target.lambda_) == float(ewc.lambda_)
+    for k, v in ewc.fisher.items():
+        assert torch.equal(target.fisher[k], v)
+
+
 def test_buffers_follow_module_dtype() -> None:
     m, ewc = _trained_ewc()
     f32 = _clone(ewc.fisher)
