@@ -428,11 +428,16 @@ class ReasoningBank:
         return s
 
     # ------------------------------------------------------------------ consolidation / distillation
-    def consolidate(self) -> ConsolidationResult:
-        """Run the consolidator over all patterns: fold merged patterns into their leaders, drop pruned ones."""
+    def consolidate(self, *, group: Any = None, distributed: bool = False) -> ConsolidationResult:
+        """Run the consolidator over all patterns: fold merged patterns into their leaders, drop pruned ones.
+
+        With ``distributed=True`` (or a process ``group``), every rank calls this on its copy of the same
+        bank: the pair search is split across the ranks and every rank applies the identical result
+        (see :meth:`PatternConsolidator.consolidate_store`).
+        """
         with self._op("consolidate"):
             cons = self._get_consolidator()
-            result = cons.consolidate_store(self._store)
+            result = cons.consolidate_store(self._store, group=group, distributed=distributed)
             self._stats.consolidation_count += 1
             self._stats.last_consolidation = utcnow()
             return result

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from ._util import (
@@ -99,6 +100,15 @@ class ConsolidationConfig:
         cfg = cls(**{k: v for k, v in d.items() if k in known})
         cfg.validate()
         return cfg
+
+
+def _as_id(value: Any, field: str) -> int:
+    """A pattern id as int; ``ValueError`` naming ``field`` for anything that is not an integer."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError(f"{field} must hold integer pattern ids, got {value!r}")
+    return int(value)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -405,11 +415,20 @@ class PatternConsolidator:
             self._count = torch.cat([self._count, torch.zeros(k, dtype=torch.int64, device=self.device)])
         return torch.tensor([self._row[i] for i in ids], dtype=torch.int64, device=self.device)
 
-    def update_fisher(self, pattern_id: int, gradient: Any) -> None:
-        """Fold one gradient into a pattern's Fisher information (SPEC ``FisherInformation.update`` with
-        ``fisher_decay``). A wrong length or a non-finite value raises ``ValueError``; nothing changes."""
+    def update_fisher(self, pattern_id: int | Sequence[int] | torch.Tensor, gradient: Any) -> None:
+        """Fold gradients into Fisher information (SPEC ``FisherInformation.update`` with ``fisher_decay``).
+
+        ``update_fisher(id, g)`` takes one id and a ``[D]`` gradient; ``update_fisher(ids, G)`` takes ``[B]``
+        ids and ``[B, D]`` gradients (the same as :meth:`update_fisher_batch`). A wrong shape or a
+        non-finite value raises ``ValueError``; nothing changes then.
+        """
+        if isinstance(pattern_id, torch.Tensor) and pattern_id.dim() == 0:
+            pattern_id = int(pattern_id)
+        if isinstance(pattern_id, (torch.Tensor, list, tuple, np.ndarray)):
+            self.update_fisher_batch(pattern_id, gradient)
+            return
         g = as_embedding(gradient, "gradient", dim=self._dim)
-        self.update_fisher_batch([int(pattern_id)], g[None, :])
+        self.update_fisher_batch([_as_id(pattern_id, "pattern_id")], g[None, :])
 
     def update_fisher_batch(self, pattern_ids: Sequence[int] | torch.Tensor, gradients: Any) -> None:
         """Fold ``B`` gradients into the Fisher information of ``B`` patterns at once.
@@ -422,7 +441,11 @@ class PatternConsolidator:
             ValueError: wrong shape, non-finite values or a length that differs from the table's; nothing
                 changes then.
         """
-        ids = [int(i) for i in (pattern_ids.tolist() if isinstance(pattern_ids, torch.Tensor) else pattern_ids)]
+        if isinstance(pattern_ids, (torch.Tensor, np.ndarray)):
+            if pattern_ids.ndim != 1:
+                raise ValueError(f"pattern_ids must be 1-D [B], got shape {tuple(pattern_ids.shape)}")
+            pattern_ids = pattern_ids.tolist()
+        ids = [_as_id(i, "pattern_ids") for i in pattern_ids]
         if not ids:
             return
         G = as_embedding_batch(gradients, "gradients", dim=self._dim)
@@ -482,13 +505,21 @@ class PatternConsolidator:
         self._row = {pid: r for r, pid in enumerate(self._ids)}
         return len(drop)
 
-    def fisher_means(self, pattern_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``([N] mean Fisher diagonal, [N] bool has Fisher)`` for many ids (zeros where none)."""
-        n = len(pattern_ids)
-        has = torch.tensor([int(i) in self._row for i in pattern_ids], dtype=torch.bool)
+    def fisher_means(self, pattern_ids: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([N] float64 mean Fisher diagonal, [N] bool has Fisher)`` for many ids (zeros where none).
+
+        The lookup is one sort + ``searchsorted`` over the table's ids (no per-id Python work).
+        """
+        ids = torch.as_tensor(pattern_ids, dtype=torch.int64).reshape(-1).cpu()
+        n = int(ids.numel())
         means = torch.zeros(n, dtype=torch.float64)
-        if self._ids and bool(has.any()):
-            rows = torch.tensor([self._row[int(i)] for i in pattern_ids if int(i) in self._row], dtype=torch.int64)
+        if not self._ids or n == 0:
+            return means, torch.zeros(n, dtype=torch.bool)
+        key, order = torch.sort(torch.tensor(self._ids, dtype=torch.int64))  # table ids, sorted
+        pos = torch.searchsorted(key, ids).clamp_(max=key.numel() - 1)
+        has = key[pos] == ids
+        if bool(has.any()):
+            rows = order[pos[has]]
             means[has] = self._diag[rows.to(self.device)].double().mean(dim=1).cpu()
         return means, has
 
@@ -538,7 +569,25 @@ class PatternConsolidator:
             patterns, [self.fisher(p.id) for p in patterns], self.config.max_unused_age_secs, now
         )
 
-    def _scores(self, ids: Sequence[int], usage, success, quality, age_secs) -> torch.Tensor:
+    def store_importance(self, store: PatternStore, now: datetime | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Importance (SPEC §4) of every live pattern of ``store`` in one tensor expression, with this
+        consolidator's Fisher information; no Pattern objects are built.
+
+        Returns:
+            ``(ids [N] int64, scores [N] float64)`` in ascending id order, on the CPU.
+        """
+        now_us = dt_to_us(now if now is not None else utcnow())
+        with store._lock:
+            store._flush()
+            rows = store._live_rows_by_id()
+            ids = store._ids[rows].cpu()
+            usage = store._usage[rows].cpu()
+            success = store._success[rows].cpu()
+            quality = store._avgq[rows].cpu()
+            age = ((now_us - store._last[rows].cpu()).double() / 1e6).clamp(min=0.0)
+        return ids, self._scores(ids, usage, success, quality, age)
+
+    def _scores(self, ids: Sequence[int] | torch.Tensor, usage, success, quality, age_secs) -> torch.Tensor:
         fm, has = self.fisher_means(ids)
         return importance_scores(
             usage.cpu(), success.cpu(), quality.cpu(), age_secs.cpu(), float(self.config.max_unused_age_secs), fm, has
@@ -560,7 +609,7 @@ class PatternConsolidator:
         return out
 
     def _decide(
-        self, ids: Sequence[int], usage: torch.Tensor, success: torch.Tensor, quality: torch.Tensor,
+        self, ids: Sequence[int] | torch.Tensor, usage: torch.Tensor, success: torch.Tensor, quality: torch.Tensor,
         age_secs: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Adapt λ, score every pattern and mark the pruned ones (rows in ascending id).
@@ -643,49 +692,86 @@ class PatternConsolidator:
             leader = leader_scan(n, pairs.cpu(), ~pruned).cpu()
         return self._result(ids, scores, pruned, leader, lam, t0)
 
-    def consolidate_store(self, store: PatternStore) -> ConsolidationResult:
+    def consolidate_store(self, store: PatternStore, *, group: Any = None, distributed: bool = False) -> ConsolidationResult:
         """Consolidate a :class:`~rbank_torch.store.PatternStore` in place: decide as
         :meth:`consolidate_patterns` on its columns, fold every absorbed pattern into its leader
         (statistics, lessons, actions, embeddings, as ``Pattern.merge``), remove the pruned ones, and
-        fold the Fisher information of absorbed patterns into their leaders (usage-weighted)."""
+        fold the Fisher information of absorbed patterns into their leaders (usage-weighted).
+
+        Args:
+            store: the store to consolidate.
+            group, distributed: with ``distributed=True`` (or a ``group``), every rank of the process group
+                calls this on its copy of the same store and consolidator: the pair search is split across
+                the ranks (:func:`rbank_torch.distributed.leaders_distributed`), rank 0's pruning decision is
+                broadcast, and every rank applies the identical result (equal to the one-process run).
+        """
+        if distributed or group is not None:
+            return self._consolidate_store_distributed(store, group)
         t0 = time.perf_counter()
         with store._mutating():
             store._flush()
-            rows = store._live_rows()
-            rows = rows[torch.argsort(store._ids[rows])]
+            rows = store._live_rows_by_id()
             ids = store._ids[rows].cpu()
             now_us = dt_to_us(utcnow())
             usage = store._usage[rows].cpu()
             age = ((now_us - store._last[rows].cpu()).double() / 1e6).clamp(min=0.0)
-            id_list = ids.tolist()
-            scores, pruned, lam = self._decide(
-                id_list, usage, store._success[rows].cpu(), store._avgq[rows].cpu(), age
-            )
+            scores, pruned, lam = self._decide(ids, usage, store._success[rows].cpu(), store._avgq[rows].cpu(), age)
             leader = store._leaders(float(self.config.merge_similarity_threshold), True, ~pruned, rows=rows)[1]
-            result = self._result(id_list, scores, pruned, leader, lam, t0)
-            # Fisher information follows the merge (before the fold changes the usage counts)
-            if result.merge_map and self._ids:
-                u_of = dict(zip(id_list, usage.tolist()))
-                running: dict[int, int] = {}
-                for src, dst in result.merge_map.items():
-                    fs = self.fisher(src)
-                    if fs is None:
-                        continue
-                    fd = self.fisher(dst)
-                    ud = running.get(dst, u_of[dst])
-                    us = u_of[src]
-                    if fd is None:
-                        self.set_fisher(dst, fs)
-                    elif ud + us > 0:
-                        fd.merge(fs, ud / (ud + us))
-                        self.set_fisher(dst, fd)
-                    running[dst] = ud + us
-            store._fold(rows, leader)
-            if result.pruned_pattern_ids:
-                store.remove_patterns(result.pruned_pattern_ids)
-            self.remove_fisher(result.pruned_pattern_ids + result.merged_pattern_ids)
-            result.stats.processing_time_ms = (time.perf_counter() - t0) * 1000.0
-            return result
+            return self._apply_store(store, rows, ids, usage, scores, pruned, leader, lam, t0)
+
+    def _consolidate_store_distributed(self, store: PatternStore, group: Any) -> ConsolidationResult:
+        from . import distributed as D
+
+        t0 = time.perf_counter()
+        w = D.world_info(group)
+        with store._mutating():
+            store._flush()
+            rows = store._live_rows_by_id()
+            ids = store._ids[rows].cpu()
+            D._check_same(w, "consolidation inputs", n=int(ids.numel()), ids=D._fingerprint(ids.tolist()),
+                          dim=int(store._emb.shape[1]))
+            now_us = int(D._broadcast_tensor(w, torch.tensor([dt_to_us(utcnow())]), (1,), torch.int64, 0,
+                                             "consolidation clock")[0])
+            usage = store._usage[rows].cpu()
+            age = ((now_us - store._last[rows].cpu()).double() / 1e6).clamp(min=0.0)
+            scores, pruned, lam = self._decide(ids, usage, store._success[rows].cpu(), store._avgq[rows].cpu(), age)
+            pruned = D._broadcast_tensor(w, pruned, (int(ids.numel()),), torch.bool, 0, "consolidation pruning")
+            leader = D.leaders_distributed(
+                store._emb[rows], float(self.config.merge_similarity_threshold),
+                store._cat[rows].to(torch.int64), ~pruned, group=group,
+            )
+            return self._apply_store(store, rows, ids, usage, scores, pruned, leader, lam, t0)
+
+    def _apply_store(
+        self, store: PatternStore, rows: torch.Tensor, ids: torch.Tensor, usage: torch.Tensor, scores: torch.Tensor,
+        pruned: torch.Tensor, leader: torch.Tensor, lam: float, t0: float,
+    ) -> ConsolidationResult:
+        """Fold, prune and move Fisher information as decided (the caller holds ``store._mutating()``)."""
+        id_list = ids.tolist()
+        result = self._result(id_list, scores, pruned, leader, lam, t0)
+        # Fisher information follows the merge (before the fold changes the usage counts)
+        if result.merge_map and self._ids:
+            u_of = dict(zip(id_list, usage.tolist()))
+            running: dict[int, int] = {}
+            for src, dst in result.merge_map.items():
+                fs = self.fisher(src)
+                if fs is None:
+                    continue
+                fd = self.fisher(dst)
+                ud = running.get(dst, u_of[dst])
+                us = u_of[src]
+                if fd is None:
+                    self.set_fisher(dst, fs)
+                elif ud + us > 0:
+                    fd.merge(fs, ud / (ud + us))
+                    self.set_fisher(dst, fd)
+                running[dst] = ud + us
+        store._fold(rows, leader)
+        if result.pruned_pattern_ids:
+            store.remove_patterns(result.pruned_pattern_ids)
+        self.remove_fisher(result.pruned_pattern_ids + result.merged_pattern_ids)
+        result.stats.processing_time_ms = (time.perf_counter() - t0) * 1000.0
+        return result
 
     # ------------------------------------------------------------------ snapshots
     def state_tensors(self, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -784,8 +870,14 @@ def cluster_patterns(
     iters: int = 50,
     spherical: bool = True,
     device: torch.device | str | None = None,
+    distributed: bool = False,
+    group: Any = None,
 ) -> list[ClusterPattern]:
     """Learn ``k`` centroid patterns from embeddings by k-means (k-means++ seeding, deterministic for a seed).
+
+    The k-means is :func:`rbank_torch.distributed.kmeans_exact` (exact centroid sums), so a sharded run
+    (``distributed=True`` under ``torchrun``: each rank passes its rows, rank order = row order) returns the
+    same clusters, centroids and members, bit for bit, as this function on all the rows in one process.
 
     Args:
         embeddings: ``[N, D]`` embeddings (e.g. trajectory query embeddings).
@@ -797,18 +889,21 @@ def cluster_patterns(
         iters: maximum Lloyd iterations.
         spherical: cosine k-means on unit rows (the default, matching cosine search).
         device: where to cluster (default: the embeddings' device).
+        distributed, group: rows sharded across the ranks of ``group`` (default group with
+            ``distributed=True``); ``quality`` and ``ids`` are this rank's too. Every rank gets the result.
 
     Returns:
         One :class:`ClusterPattern` per non-empty cluster, largest first (ties: lower cluster index).
     """
-    from .kernels.kmeans import kmeans
+    from . import distributed as D
 
     X = as_embedding_batch(embeddings, "embeddings")
     if device is not None:
         X = X.to(device)
     X = X.to(torch.float32)
     n = int(X.shape[0])
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= max(n, 1) or n == 0:
+    sharded = distributed or group is not None
+    if not sharded and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= max(n, 1) or n == 0):
         raise ValueError(f"k must be an int within [1, N={n}], got {k!r}")
     if quality is None:
         q = torch.ones(n, dtype=torch.float64)
@@ -825,8 +920,21 @@ def cluster_patterns(
         if id_t.numel() != n:
             raise ValueError(f"ids must have one value per embedding ({n}), got {id_t.numel()}")
     cat = PatternCategory.parse(category)
-    res = kmeans(X, k, iters=iters, seed=seed, spherical=spherical)
-    assign = res.assignments.cpu()
+    if sharded:
+        res = D.kmeans_distributed(X, k, iters=iters, seed=seed, spherical=spherical, group=group)
+        w = D.world_info(group)
+        if ids is None:  # default ids are global row numbers: offset by the rows of lower ranks
+            counts = D._all_gather_i64(w, [n], "cluster row counts")[:, 0]
+            id_t = id_t + int(counts[: w.rank].sum())
+        blob = D._pack({"a": res.assignments.cpu(), "i": id_t, "q": q}, None)
+        parts = [D._unpack(b, f"cluster members of rank {r}")[0]
+                 for r, b in enumerate(D._exchange(w, [blob] * w.world_size, "cluster members"))]
+        assign = torch.cat([t["a"] for t in parts])
+        id_t = torch.cat([t["i"] for t in parts])
+        q = torch.cat([t["q"] for t in parts])
+    else:
+        res = D.kmeans_exact(X, k, iters=iters, seed=seed, spherical=spherical)
+        assign = res.assignments.cpu()
     sizes = torch.bincount(assign, minlength=k)
     qsum = torch.zeros(k, dtype=torch.float64).index_add_(0, assign, q)
     order = sorted(range(k), key=lambda c: (-int(sizes[c]), c))

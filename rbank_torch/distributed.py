@@ -108,6 +108,7 @@ __all__ = [
     "leaders_distributed",
     "store_merge_map_distributed",
     "kmeans_distributed",
+    "kmeans_exact",
     "RankOutcome",
     "spawn_local",
 ]
@@ -1803,7 +1804,45 @@ def kmeans_distributed(
         :class:`~rbank_torch.kernels.kmeans.KMeansResult`: global ``centroids``, ``sizes``, ``inertia`` and
         ``iterations`` (the same on every rank) and ``assignments`` of this rank's rows.
     """
-    w = world_info(group)
+    return _kmeans_exact(
+        world_info(group), x_local, k, iters=iters, seed=seed, tol=tol, spherical=spherical,
+        batch_size=batch_size, init=init, init_sample=init_sample,
+    )
+
+
+def kmeans_exact(
+    x: torch.Tensor,
+    k: int,
+    *,
+    iters: int = 50,
+    seed: int = 0,
+    tol: float = 1e-4,
+    spherical: bool = False,
+    batch_size: int = 16384,
+    init: torch.Tensor | None = None,
+    init_sample: int = 1 << 18,
+) -> KMeansResult:
+    """:func:`kmeans_distributed` in this process alone (whatever process group exists): the result a
+    sharded run gives, bit for bit, for any number of ranks and any split of the rows."""
+    return _kmeans_exact(
+        WorldInfo(0, 1, None, torch.device("cpu"), None), x, k, iters=iters, seed=seed, tol=tol,
+        spherical=spherical, batch_size=batch_size, init=init, init_sample=init_sample,
+    )
+
+
+def _kmeans_exact(
+    w: WorldInfo,
+    x_local: torch.Tensor,
+    k: int,
+    *,
+    iters: int,
+    seed: int,
+    tol: float,
+    spherical: bool,
+    batch_size: int,
+    init: torch.Tensor | None,
+    init_sample: int,
+) -> KMeansResult:
     err: BaseException | None = None
     try:
         if not isinstance(x_local, torch.Tensor) or x_local.dim() != 2 or not x_local.dtype.is_floating_point:

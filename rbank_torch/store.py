@@ -531,6 +531,14 @@ class PatternStore:
     def _live_rows(self) -> torch.Tensor:
         return torch.nonzero(self._alive[: self._n]).flatten()
 
+    def _live_rows_by_id(self) -> torch.Tensor:
+        """Live rows in ascending id order (no sort when rows already are: ids usually grow with the row)."""
+        rows = self._live_rows()
+        ids = self._ids[rows]
+        if ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all()):
+            rows = rows[torch.argsort(ids)]
+        return rows
+
     def _make_room(self, incoming: int) -> None:
         """Prune, then evict, until ``incoming`` more patterns fit under max_patterns."""
         cfg = self.config
@@ -710,8 +718,7 @@ class PatternStore:
         from .kernels.pairs import leader_scan, pairs_above
 
         if rows is None:
-            rows = self._live_rows()
-            rows = rows[torch.argsort(self._ids[rows])]
+            rows = self._live_rows_by_id()
         n = int(rows.numel())
         if n == 0:
             return rows, torch.empty(0, dtype=torch.int64)
@@ -821,8 +828,7 @@ class PatternStore:
         """Copies of all live patterns in ascending id order."""
         with self._lock:
             self._flush()
-            rows = self._live_rows()
-            rows = rows[torch.argsort(self._ids[rows])]
+            rows = self._live_rows_by_id()
             return self._patterns_at(rows.tolist())
 
     def ids(self) -> torch.Tensor:
@@ -1008,8 +1014,7 @@ class PatternStore:
         ``category_code`` ``[N]``; plus ``category_names`` (list, indexed by code)."""
         with self._lock:
             self._flush()
-            rows = self._live_rows()
-            rows = rows[torch.argsort(self._ids[rows])]
+            rows = self._live_rows_by_id()
             return {
                 "embedding": self._emb[rows],
                 "id": self._ids[rows],
@@ -1032,8 +1037,7 @@ class PatternStore:
 
         with self._lock:
             self._flush()
-            rows = self._live_rows()
-            rows = rows[torch.argsort(self._ids[rows])]
+            rows = self._live_rows_by_id()
             rl = rows.tolist()
             side = json.dumps([self._side[r].to_json() for r in rl], ensure_ascii=False)
             data, offs = encode_strings([side])

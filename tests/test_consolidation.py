@@ -201,6 +201,32 @@ def test_importance_batch_equals_single() -> None:
         assert b.score == pytest.approx(want, abs=1e-12) and t == pytest.approx(want, abs=1e-12)
 
 
+def test_store_importance_equals_the_oracle_per_pattern() -> None:
+    from rbank_torch import PatternStore, PatternStoreConfig
+
+    g = torch.Generator().manual_seed(11)
+    store = PatternStore(PatternStoreConfig(embedding_dim=D, max_patterns=100))
+    pats = [
+        make_pattern(torch.randn(D, generator=g), usage=k % 5, success=(k % 5) // 2, quality=(k % 9) / 8,
+                     age_secs=3600.0 * k)
+        for k in range(40)
+    ]
+    store.store_patterns(pats)
+    c = PatternConsolidator()
+    stored = sorted(store.get_all_patterns(), key=lambda p: p.id)
+    for p in stored[::3]:  # Fisher information for a third of them (means above and below 1)
+        c.update_fisher(p.id, torch.randn(D, generator=g) * (0.5 + p.id % 3))
+    now = utcnow()
+    ids, scores = c.store_importance(store, now)
+    assert ids.tolist() == [p.id for p in stored] and scores.dtype == torch.float64
+    for p, sc in zip(stored, scores.tolist()):
+        f = c.fisher(p.id)
+        want = oracle_importance(p, None if f is None else float(f.diagonal.double().mean()), 7 * 86_400, now)
+        assert sc == pytest.approx(want, abs=1e-9)
+    means, has = c.fisher_means(torch.tensor([stored[0].id, -5, stored[1].id]))
+    assert has.tolist() == [True, False, False] and means[1] == 0 and means[0] > 0
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the consolidator's Fisher API
 def test_batched_fisher_update_equals_sequential_including_repeats() -> None:
@@ -227,7 +253,19 @@ def test_batched_fisher_update_equals_sequential_including_repeats() -> None:
         a.update_fisher_batch([1, 2], torch.ones(3, D))
     with pytest.raises(ValueError, match="finite"):
         a.update_fisher_batch([1], torch.full((1, D), float("inf")))
+    with pytest.raises(ValueError, match=r"pattern_ids must be 1-D"):
+        a.update_fisher(torch.ones(2, 2, dtype=torch.long), torch.ones(4, D))
+    with pytest.raises(ValueError, match="integer pattern ids"):
+        a.update_fisher_batch([1.5], torch.ones(1, D))
     assert a.stats().fisher_entries == 3  # nothing changed
+    # update_fisher(ids, grads) is the batched form too (list, tuple, tensor, numpy ids)
+    c = PatternConsolidator()
+    c.update_fisher(torch.tensor(ids[:3]), grads[:3])
+    c.update_fisher(tuple(ids[3:]), grads[3:])
+    for i in set(ids):
+        fc, fa = c.fisher(i), a.fisher(i)
+        assert fc is not None and fa is not None
+        assert torch.equal(fc.diagonal, fa.diagonal) and fc.sample_count == fa.sample_count
 
 
 def test_constraint_regularization_and_lambda() -> None:

@@ -35,7 +35,7 @@ from rbank_torch.distillation import (
     MemoryDistiller,
 )
 from rbank_torch.patterns import Pattern, PatternCategory
-from rbank_torch.store import PatternStore
+from rbank_torch.store import PatternStore, PatternStoreConfig
 from rbank_torch.trajectory import StepOutcome, Trajectory, TrajectoryMetadata, TrajectoryStep
 from rbank_torch.verdicts import ReasoningErrorType, RootCause, Verdict
 
@@ -359,6 +359,64 @@ def _leave_worker(rank: int, world: int) -> list:
     return [float(t), dist.is_initialized()]
 
 
+def _consolidation_store() -> PatternStore:
+    """A store with near-duplicates in two categories and low-quality, unused patterns that get pruned."""
+    from rbank_torch.patterns import Pattern
+
+    g = torch.Generator().manual_seed(21)
+    base = torch.randn(12, 24, generator=g)
+    store = PatternStore(PatternStoreConfig(embedding_dim=24, max_patterns=1000))
+    pats = []
+    for k in range(180):
+        e = base[k % 12] + 0.25 * torch.randn(24, generator=g)
+        p = Pattern.new(e, ["general", "research"][k % 2], 0.8)
+        p.id = 10_000 + k  # the same ids in every process
+        p.usage_count = 0 if k % 7 == 0 else 1 + k % 5
+        p.success_count = p.usage_count // 2
+        p.avg_quality = 0.05 if k % 7 == 0 else 0.4 + (k % 6) / 10
+        if k % 7 == 0:  # unused for 60 days: low importance
+            p.last_accessed = p.last_accessed - timedelta(days=60)
+        p.lessons = [f"lesson {k % 17}"]
+        pats.append(p)
+    store.store_patterns(pats)
+    return store
+
+
+def _store_dump(store: PatternStore) -> dict:
+    cols = store.columns()
+    return {
+        "id": cols["id"].tolist(),
+        "usage": cols["usage_count"].tolist(),
+        "quality": cols["avg_quality"].tolist(),
+        "emb": cols["embedding"].double().sum(dim=1).tolist(),
+        "lessons": [p.lessons for p in sorted(store.get_all_patterns(), key=lambda p: p.id)],
+    }
+
+
+def _cluster_json(cl: list) -> list:
+    return [(c.pattern.embedding.tolist(), c.member_ids, c.size, c.mean_quality) for c in cl]
+
+
+def _consolidate_worker(rank: int, world: int) -> dict:
+    from rbank_torch.consolidation import PatternConsolidator, cluster_patterns
+
+    torch.set_num_threads(1)
+    store = _consolidation_store()
+    cons = PatternConsolidator()
+    res = cons.consolidate_store(store, distributed=True)
+    x = torch.randn(300, 16, generator=torch.Generator().manual_seed(5))
+    q = torch.rand(300, generator=torch.Generator().manual_seed(6))
+    cuts = [0, 120, 300] if world == 2 else [0, 50, 51, 300]  # uneven shards, one of a single row
+    lo, hi = cuts[rank], cuts[rank + 1]
+    cl = cluster_patterns(x[lo:hi], 6, q[lo:hi], seed=3, distributed=True)
+    return {
+        "merge_map": {str(k): v for k, v in res.merge_map.items()},
+        "pruned": res.pruned_pattern_ids,
+        "store": _store_dump(store),
+        "clusters": _cluster_json(cl),
+    }
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Pieces, in one process.
 
@@ -592,6 +650,25 @@ def test_ranks_equal_one_process(world, reference):
     assert reference["km_dup"]["sizes"][1] > 0  # the empty cluster was re-seeded
     plain = reference["km_plain"]
     assert sum((r["km"]["assignments"] for r in res), []) == plain.assignments.tolist()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_consolidation_and_clustering_across_ranks_equal_one_process(world):
+    from rbank_torch.consolidation import PatternConsolidator, cluster_patterns
+
+    store = _consolidation_store()
+    ref = PatternConsolidator().consolidate_store(store)
+    assert ref.pruned_pattern_ids and ref.merge_map  # both rules are exercised
+    x = torch.randn(300, 16, generator=torch.Generator().manual_seed(5))
+    q = torch.rand(300, generator=torch.Generator().manual_seed(6))
+    ref_cl = json.loads(json.dumps(_cluster_json(cluster_patterns(x, 6, q, seed=3))))
+    outs = D.spawn_local(_consolidate_worker, world, timeout_s=SPAWN_TIMEOUT_S, collective_timeout_s=COLLECTIVE_TIMEOUT_S)
+    want_map = {str(k): v for k, v in ref.merge_map.items()}
+    for o in outs:
+        r = o.result
+        assert r["merge_map"] == want_map and r["pruned"] == ref.pruned_pattern_ids
+        assert r["store"] == json.loads(json.dumps(_store_dump(store)))
+        assert r["clusters"] == ref_cl  # centroids bit for bit, members, sizes, qualities
 
 
 @pytest.mark.parametrize("how", ["raise", "exit", "hang"])
