@@ -39,6 +39,7 @@ _EXPORTS = {
     "PatternStore": "store",
     "PatternStats": "store",
     "LowConfidenceError": "store",
+    "MissingBackendError": "backends",
     # consolidation
     "ConsolidationConfig": "consolidation",
     "ConsolidationResult": "consolidation",
@@ -67,6 +68,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:  # static type checkers see the real names
+    from .backends import MissingBackendError
     from .bank import ReasoningBank, ReasoningBankConfig, ReasoningBankStats
     from .consolidation import (
         ConsolidationConfig,

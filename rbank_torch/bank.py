@@ -61,13 +61,21 @@ class ReasoningBankConfig:
     max_trajectories: int = 100_000
     #: trajectories of at least this quality become patterns
     min_quality_threshold: float = 0.3
+    #: kept for compatibility with the reference configuration; the bank does not consolidate on a timer
+    #: (call :meth:`ReasoningBank.consolidate`, e.g. from your own scheduler, or ``rbank consolidate``)
     consolidation_interval_secs: int = 3600
+    #: kept for compatibility with the reference configuration (validated, not acted upon; see above)
     auto_consolidate: bool = True
     pattern_config: PatternStoreConfig = field(default_factory=PatternStoreConfig)
     consolidation_config: ConsolidationConfig = field(default_factory=ConsolidationConfig)
     distillation_config: DistillationConfig = field(default_factory=_default_distillation_config)
     #: device of the pattern columns ("cpu", "cuda", …)
     device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        # SPEC §6: the bank's embedding_dim governs; it is written into pattern_config.embedding_dim
+        if isinstance(self.pattern_config, PatternStoreConfig) and isinstance(self.embedding_dim, int):
+            self.pattern_config.embedding_dim = self.embedding_dim
 
     def resolved_pattern_config(self) -> PatternStoreConfig:
         pc = PatternStoreConfig(**asdict(self.pattern_config))
@@ -84,6 +92,7 @@ class ReasoningBankConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         check_unit(self.min_quality_threshold, "min_quality_threshold")
+        self.pattern_config.embedding_dim = self.embedding_dim
         if self.consolidation_interval_secs < 0:
             raise ValueError("consolidation_interval_secs must be >= 0")
         self.resolved_pattern_config().validate()
@@ -330,12 +339,35 @@ class ReasoningBank:
         return TrajectoryRecorder(emb)
 
     def _validate_trajectory(self, t: Trajectory) -> None:
+        """Check every field a snapshot or the journal will hold, before anything changes.
+
+        Beyond the embedding, quality and verdict, the trajectory is encoded exactly as a snapshot
+        encodes it and decoded with the loader's checks, so an accepted trajectory always saves and
+        loads (a value changed after construction, a NaN count, a naive datetime or a non-JSON
+        attribute is refused here, not at the next ``save()``).
+        """
         if not isinstance(t, Trajectory):
             raise ValueError(f"trajectory must be a Trajectory, got {type(t).__name__}")
-        t.query_embedding = as_embedding(t.query_embedding, "query_embedding", dim=self._config.embedding_dim)
+        q = as_embedding(t.query_embedding, "query_embedding", dim=self._config.embedding_dim)
         check_unit(t.quality, "quality")
         if not isinstance(t.verdict, Verdict):
             raise ValueError("verdict must be a Verdict")
+        if t.response_embedding is not None:
+            as_embedding(t.response_embedding, "response_embedding")  # any length: responses may use another model
+        for i, st in enumerate(t.steps):
+            if not isinstance(st, TrajectoryStep):
+                raise ValueError(f"steps[{i}] must be a TrajectoryStep, got {type(st).__name__}")
+            if st.context_embedding is not None:
+                as_embedding(st.context_embedding, f"steps[{i}].context_embedding")
+        if not all(isinstance(x, str) for x in t.lessons):
+            raise ValueError("lessons must be strings")
+        try:
+            tensors, meta = _trajectories_to_tensors([t])
+            _trajectories_from_tensors(tensors, meta, bump_ids=False)
+        except (TypeError, ValueError, KeyError, OverflowError, AttributeError) as e:
+            msg = str(e).replace("corrupt snapshot: ", "")
+            raise ValueError(f"trajectory {t.id} cannot be stored: {msg}") from None
+        t.query_embedding = q
 
     def store_trajectory(self, trajectory: Trajectory) -> None:
         """Record a completed trajectory: stats, keep it, distil past ``max_trajectories``, and store its
@@ -507,15 +539,25 @@ class ReasoningBank:
         file and :class:`~rbank_torch.journal.JournalError` for a corrupt journal; never executes code from
         either. A torn last journal record (a crash mid-write) is dropped, never half-applied."""
         from .snapshot import SnapshotError, read_snapshot
+        from .store import _check_overrides
 
+        _check_overrides(pattern_overrides)
         tensors, meta = read_snapshot(path, _BANK_FORMAT)
         try:
             cfg = ReasoningBankConfig.from_dict(meta["config"])
-            if "device" in pattern_overrides:
-                cfg.device = pattern_overrides["device"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise SnapshotError(f"{path}: corrupt or incompatible bank snapshot ({type(e).__name__}: {e})") from None
+        # overrides (device, backend, ef_search, …) apply to the bank's config and to the loaded store
+        for k, v in pattern_overrides.items():
+            if k in ("device", "ef_search", "ef_construction", "m"):
+                setattr(cfg, k, v)
+            else:
+                setattr(cfg.pattern_config, k, v)
+        cfg.validate()  # a bad override value raises ValueError naming the field
+        try:
             bank = cls(cfg)
             bank._store = PatternStore.from_state_tensors(
-                tensors, meta["store"], prefix="patterns/", device=cfg.device
+                tensors, meta["store"], prefix="patterns/", **{**pattern_overrides, "device": cfg.device}
             )
             bank._lock = bank._store._lock
             bank._trajectories = _trajectories_from_tensors(tensors, meta["trajectories"])
@@ -638,7 +680,7 @@ def _trajectories_to_tensors(
 
 
 def _trajectories_from_tensors(
-    tensors: dict[str, torch.Tensor], meta: dict[str, Any], prefix: str = "traj/"
+    tensors: dict[str, torch.Tensor], meta: dict[str, Any], prefix: str = "traj/", bump_ids: bool = True
 ) -> list[Trajectory]:
     from .snapshot import SnapshotError
 
@@ -693,7 +735,8 @@ def _trajectories_from_tensors(
         )
         max_id = max(max_id, t.id)
         out.append(t)
-    bump_id_counter(max_id)
+    if bump_ids:
+        bump_id_counter(max_id)
     return out
 
 

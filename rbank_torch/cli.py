@@ -741,6 +741,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     store, meta = _load_store(args.bank)
     ps = store.stats()
     bs = dict(meta.get("stats") or {})
+    bs["total_patterns"] = ps.total_patterns  # a live count (the snapshot's field is filled by stats() only)
     for k in ("last_consolidation", "last_distillation"):
         if bs.get(k) is not None:
             from ._util import us_to_dt

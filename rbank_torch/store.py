@@ -1077,6 +1077,7 @@ class PatternStore:
         from ._util import bump_id_counter
         from .snapshot import SnapshotError, expect_tensor
 
+        _check_overrides(overrides)
         try:
             cfg = PatternStoreConfig.from_dict(dict(meta["config"]))
             for k, v in overrides.items():
@@ -1155,6 +1156,17 @@ class PatternStore:
 
         tensors, meta = read_snapshot(path, "rbank_torch.store")
         return cls.from_state_tensors(tensors, meta, **overrides)
+
+
+def _check_overrides(overrides: dict[str, Any]) -> None:
+    """Load-time overrides must name PatternStoreConfig fields other than the embedding dimension."""
+    from dataclasses import fields as _fields
+
+    known = {f.name for f in _fields(PatternStoreConfig)} - {"embedding_dim", "dtype"}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown load overrides {unknown}: expected PatternStoreConfig fields {sorted(known)} "
+                         "(embedding_dim and dtype are fixed by the snapshot)")
 
 
 def _check_k(k: Any, name: str) -> int:

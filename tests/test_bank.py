@@ -10,6 +10,7 @@ import torch
 from rbank_torch import (
     Pattern,
     PatternCategory,
+    PatternStoreConfig,
     ReasoningBank,
     ReasoningBankConfig,
     RootCause,
@@ -49,6 +50,8 @@ def test_config_defaults_and_dim_governs():
     bank = ReasoningBank(bank_cfg(embedding_dim=7))
     assert bank.store.config.embedding_dim == 7
     assert bank.config.embedding_dim == 7
+    assert bank.config.pattern_config.embedding_dim == 7  # SPEC §6: written into pattern_config
+    assert ReasoningBankConfig(embedding_dim=5, pattern_config=PatternStoreConfig(embedding_dim=99)).pattern_config.embedding_dim == 5
     with pytest.raises(ValueError, match="embedding_dim"):
         ReasoningBank(bank_cfg(embedding_dim=0))
     with pytest.raises(ValueError, match="min_quality_threshold"):
@@ -99,6 +102,63 @@ def test_store_trajectory_validation_changes_nothing():
     with pytest.raises(ValueError, match="dimension"):
         bank.start_trajectory(torch.randn(D + 2))
     assert (bank.stats(), len(bank.trajectories), len(bank.store)) == before
+
+
+def _bad_trajectory_edits():
+    import datetime as _dt
+
+    return [
+        ("latency NaN", lambda t: setattr(t, "total_latency_ms", float("nan")), "not JSON compliant"),
+        ("tokens inf", lambda t: setattr(t.metadata, "total_input_tokens", float("inf")), "not JSON compliant"),
+        ("attribute object", lambda t: t.metadata.attributes.__setitem__("x", object()), "not JSON serializable"),
+        ("response NaN", lambda t: setattr(t, "response_embedding", torch.full((D,), float("nan"))),
+         "response_embedding must hold finite"),
+        ("response 2-D", lambda t: setattr(t, "response_embedding", torch.zeros(2, D)), "response_embedding must be 1-D"),
+        ("lesson int", lambda t: t.lessons.append(3), "lessons must be strings"),
+        ("step confidence mutated", lambda t: setattr(t.steps[0], "confidence", 7.0), "confidence must be within"),
+        ("naive started_at", lambda t: setattr(t, "started_at", _dt.datetime(2020, 1, 1)), "timezone-aware"),
+        ("context NaN", lambda t: setattr(t.steps[0], "context_embedding", torch.tensor([float("nan")])),
+         "context_embedding must hold finite"),
+    ]
+
+
+@pytest.mark.parametrize("journal", [False, True])
+def test_every_field_is_checked_before_anything_changes(tmp_path, journal):
+    """An accepted trajectory always saves and reloads; a bad one raises, naming the field, and neither
+    memory, the journal nor a later save() is affected."""
+    bank = ReasoningBank(bank_cfg(storage_path=str(tmp_path)), journal=journal)
+    g = torch.Generator().manual_seed(3)
+    bank.store_trajectory(traj(bank, g))
+    before = (bank.stats(), len(bank.trajectories), len(bank.store))
+    for name, edit, msg in _bad_trajectory_edits():
+        t = traj(bank, g)
+        edit(t)
+        with pytest.raises(ValueError, match=msg):
+            bank.store_trajectory(t)
+        assert (bank.stats(), len(bank.trajectories), len(bank.store)) == before, name
+    bank.store_trajectory(traj(bank, g))
+    bank.save()
+    back = ReasoningBank.load(str(tmp_path / "bank.safetensors"))
+    assert len(back.trajectories) == 2 and back.stats().total_trajectories == 2
+
+
+def test_load_applies_overrides_and_rejects_unknown_ones(tmp_path):
+    bank = ReasoningBank(bank_cfg(storage_path=str(tmp_path)))
+    g = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        bank.store_trajectory(traj(bank, g))
+    bank.save()
+    path = str(tmp_path / "bank.safetensors")
+    back = ReasoningBank.load(path, backend="exact", ef_search=64, max_patterns=50)
+    assert back.store.config.backend == "exact" and back.store.config.ef_search == 64
+    assert back.store.config.max_patterns == 50 and back.config.pattern_config.max_patterns == 50
+    assert len(back.store) == len(bank.store)
+    with pytest.raises(ValueError, match=r"unknown load overrides \['bogus'\]"):
+        ReasoningBank.load(path, bogus=1)
+    with pytest.raises(ValueError, match="embedding_dim"):
+        ReasoningBank.load(path, embedding_dim=D + 1)
+    with pytest.raises(ValueError, match="ef_search"):
+        ReasoningBank.load(path, ef_search=0)
 
 
 def test_search_category_analyze_usage():

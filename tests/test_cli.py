@@ -99,6 +99,7 @@ def test_ingest_stats_and_search(tmp_path, log, capsys):
     st = run_json(capsys, "stats", b)
     assert st["embedding_dim"] == D and st["bank_stats"]["total_trajectories"] == 600
     assert st["patterns"]["total"] == doc2["patterns_after"] == sum(st["patterns"]["by_category"].values())
+    assert st["bank_stats"]["total_patterns"] == st["patterns"]["total"] > 0
     code, out, _ = run(capsys, "stats", b)
     assert code == 0 and "patterns:" in out and "trajectories:" in out
 
