@@ -1104,8 +1104,42 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run
 
-    run(args.n, args.seed, args.out, quiet=bool(getattr(args, "quiet", False)))
+    out = _Out(args)
+    if out.quiet:
+        _quiet_hf()
+    res = run(args.n, args.seed, args.out, quiet=out.json)  # the text is the result; --json replaces it
+    if out.json:
+        out.emit(_demo_doc(args, res))
     return 0
+
+
+def _demo_doc(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
+    """The demo's figures as one JSON document (``rbank demo --json``)."""
+    st, cons, dist, an = res["stats"], res["consolidation"], res["distillation"], res["analysis"]
+    return {
+        "runs": args.n,
+        "seed": args.seed,
+        "snapshot": str(args.out) if args.out else None,
+        "stats": {k: getattr(st, k) for k in ("total_trajectories", "success_count", "failure_count",
+                                             "recovered_count", "avg_quality", "total_patterns")},
+        "consolidation": {"patterns_before": cons.patterns_before, "patterns_after": cons.patterns_after,
+                          "merged": cons.stats.merged_count, "pruned": cons.stats.pruned_count,
+                          "lambda": cons.lambda_used},
+        "answers": {
+            q: [{"rank": r.rank + 1, "similarity": r.similarity, "category": str(r.pattern.category),
+                 "quality": r.pattern.avg_quality, "steps": list(r.pattern.example_actions[:3]),
+                 "lesson": r.pattern.lessons[0] if r.pattern.lessons else None} for r in rs]
+            for q, rs in res["answers"].items()
+        },
+        "failure_analysis": {"root_cause": str(an.root_cause), "lessons": list(an.lessons),
+                             "confidence": an.confidence},
+        "distillation": {"trajectories": dist.trajectories_processed, "key_lessons": len(dist.key_lessons),
+                         "compressed": len(dist.compressed_trajectories),
+                         "compression_ratio": dist.compression_ratio,
+                         "top_lessons": [k.content for k in dist.key_lessons[:3]]},
+        "roundtrip_identical": res["roundtrip_identical"],
+        "timings_s": res["timings"],
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------

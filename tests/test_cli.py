@@ -449,7 +449,12 @@ def test_python_m_rbank_torch_subprocess(sample_bank):
 def test_demo_subcommand(tmp_path, capsys):
     pytest.importorskip("sentence_transformers")
     out = tmp_path / "demo.safetensors"
-    code, stdout, _ = run(capsys, "demo", "-n", "150", "--seed", "2", "--out", out, "-q")
+    code, stdout, err = run(capsys, "demo", "-n", "150", "--seed", "2", "--out", out, "-q")
     assert code == 0 and out.is_file() and out.stat().st_size > 10_000
+    assert "consolidated:" in stdout and "Loading weights" not in err  # -q: the result stays, bars go
+    doc = run_json(capsys, "demo", "-n", "150", "--seed", "2")
+    assert doc["runs"] == 150 and doc["roundtrip_identical"] is True
+    assert doc["stats"]["total_trajectories"] == 150 and len(doc["answers"]) == 4
+    assert doc["consolidation"]["patterns_after"] <= doc["consolidation"]["patterns_before"]
     code, _, err = run(capsys, "stats", out)
     assert code == 0, err
