@@ -106,19 +106,41 @@ def _iso(dt: datetime | None) -> str | None:
 
 
 class _BadLineReporter:
-    """Prints skipped bad lines (the first ``limit`` of them) to stderr."""
+    """Prints skipped bad lines (the first ``limit`` of them) to stderr and, with ``--bad-lines FILE``,
+    writes every one of them to FILE as JSONL (``{"path", "line", "field", "reason"}``)."""
 
-    def __init__(self, out: _Out, limit: int = 20) -> None:
+    def __init__(self, out: _Out, limit: int = 20, path: str | os.PathLike | None = None) -> None:
         self.out = out
         self.limit = limit
         self.n = 0
+        self.path = path
+        self._f: Any = None
+        if path is not None:
+            try:
+                # line-buffered: every bad line is on disk as soon as it is reported
+                self._f = open(path, "w", encoding="utf-8", buffering=1)  # noqa: SIM115 - closed by close()
+            except OSError as e:
+                raise CliError(f"--bad-lines: cannot write {path}: {e.strerror or e}") from None
 
     def __call__(self, err: Exception) -> None:
         self.n += 1
+        if self._f is not None:
+            rec = {"path": getattr(err, "path", None), "line": getattr(err, "line", None),
+                   "field": getattr(err, "field", None), "reason": getattr(err, "reason", str(err))}
+            self._f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         if self.n <= self.limit:
             self.out.warn(f"skipped bad line: {err}")
         elif self.n == self.limit + 1:
-            self.out.warn("more bad lines skipped; the summary counts them all")
+            more = f"every one is listed in {self.path}" if self.path else "--bad-lines FILE lists every one"
+            self.out.warn(f"more bad lines skipped; the summary counts them all ({more})")
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+    def __del__(self) -> None:
+        self.close()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -486,7 +508,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     dim = bank.config.embedding_dim if bank is not None else None
     embedder = _LazyEmbedder(model, args.device, args.batch_size, out)
     stats = ReadStats()
-    reporter = _BadLineReporter(out)
+    reporter = _BadLineReporter(out, path=getattr(args, "bad_lines", None))
     stored = 0
     patterns_before = len(bank.store) if bank is not None else 0
     t0 = time.perf_counter()
@@ -1005,7 +1027,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     distiller = MemoryDistiller(cfg)
     embedder = _LazyEmbedder(args.model, args.device, args.batch_size, out)
     stats = ReadStats()
-    reporter = _BadLineReporter(out)
+    reporter = _BadLineReporter(out, path=getattr(args, "bad_lines", None))
     appender = _SafetensorsAppender(tmp["compressed_embeddings"])
     comp_f = open(tmp["compressed"], "w", encoding="utf-8", buffering=1 << 20)  # noqa: SIM115
     n_comp = 0
@@ -1161,6 +1183,10 @@ def _read_opts() -> argparse.ArgumentParser:
     g.add_argument("--skip-bad", action="store_true",
                    help="report bad lines on stderr, count them in the summary and go on (default: stop at the "
                         "first bad line with exit code 1)")
+    g.add_argument("--bad-lines", metavar="FILE",
+                   help="with --skip-bad: write every bad line (file, line, field, reason) to FILE as JSONL "
+                        "(stderr shows the first 20, the summary keeps the first 100); under torchrun each rank "
+                        "writes FILE.rankN")
     g.add_argument("--chunk-size", type=int, default=4096, metavar="N",
                    help="trajectories read per chunk; memory grows with it, not with the file (default: 4096)")
     g.add_argument("--model", metavar="NAME",

@@ -1224,7 +1224,10 @@ def _cli_distill(w: WorldInfo, args: Any, C: Any, ReadStats: Any, max_errors: in
 
     embedder = C._LazyEmbedder(args.model, args.device, args.batch_size, out)
     stats = ReadStats()
-    reporter = C._BadLineReporter(out)
+    bad_path = getattr(args, "bad_lines", None)
+    if bad_path is not None and w.world_size > 1:
+        bad_path = f"{bad_path}.rank{w.rank}"
+    reporter = C._BadLineReporter(out, path=bad_path)
     holder: list[int | None] = [None]
 
     def chunks() -> Iterator[Sequence[Trajectory]]:

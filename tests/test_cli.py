@@ -151,6 +151,30 @@ def test_bad_lines_stop_or_are_skipped(tmp_path, capsys):
     assert json.loads((tmp_path / "d" / "summary.json").read_text())["bad_lines"] == 2
 
 
+def test_bad_lines_file_lists_every_bad_line(tmp_path, capsys):
+    recs = _records(160, seed=5)
+    lines = [json.dumps(r) for r in recs]
+    bad_at = list(range(3, 160, 1))[:130]  # 130 bad lines: more than stderr (20) and the summary (100) keep
+    for i in bad_at:
+        lines[i] = "{not json"
+    p = tmp_path / "many-bad.jsonl"
+    p.write_text("\n".join(lines) + "\n")
+    listed = tmp_path / "bad.jsonl"
+    doc = run_json(capsys, "distill", p, "--out", tmp_path / "d", "--min-trajectories", "5", "--skip-bad",
+                   "--bad-lines", listed)
+    assert doc["bad_lines"] == 130 and len(doc["errors"]) == 100
+    rows = [json.loads(x) for x in listed.read_text().splitlines()]
+    assert [r["line"] for r in rows] == [i + 1 for i in bad_at]  # every one, with its 1-based line number
+    assert all(r["path"] == str(p) and "JSON" in r["reason"] for r in rows)
+    code, _, err = run(capsys, "ingest", p, "--bank", tmp_path / "b.safetensors", "--skip-bad", "-q",
+                       "--bad-lines", tmp_path / "ingest-bad.jsonl")
+    assert code == 0 and "every one is listed in" in err
+    assert len((tmp_path / "ingest-bad.jsonl").read_text().splitlines()) == 130
+    code, _, err = run(capsys, "ingest", p, "--bank", tmp_path / "b2.safetensors", "--skip-bad",
+                       "--bad-lines", tmp_path / "no" / "such" / "dir.jsonl")
+    assert code == 1 and "--bad-lines" in _one_error_line(err, "ingest")
+
+
 def test_missing_files_and_dimension_mismatch(tmp_path, bank, capsys):
     code, _, err = run(capsys, "ingest", tmp_path / "nope.jsonl", "--bank", tmp_path / "b.safetensors")
     assert code == 1 and "nope.jsonl: no such log file" in _one_error_line(err, "ingest")

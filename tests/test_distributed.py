@@ -779,8 +779,12 @@ def test_torchrun_distill_command_equals_one_process(tmp_path):
     one = subprocess.run([sys.executable, "-m", "rbank_torch", "distill", *paths, "--out", "one", *opts],
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert one.returncode == 0, one.stderr
-    two = _torchrun(2, ["distill", *paths, "--out", "two", *opts], tmp_path)
+    two = _torchrun(2, ["distill", *paths, "--out", "two", *opts, "--bad-lines", "bad.jsonl"], tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
+    # each rank lists the bad lines of its share: the one bad line is in rank 1's
+    assert (tmp_path / "bad.jsonl.rank0").read_text() == ""
+    bad = [json.loads(x) for x in (tmp_path / "bad.jsonl.rank1").read_text().splitlines()]
+    assert len(bad) == 1 and bad[0]["line"] == 152 and bad[0]["path"].endswith("b.jsonl")
     assert "on 2 ranks" in two.stdout and two.stdout.count("distilled 300 trajectories") == 1
     a, b = tmp_path / "one", tmp_path / "two"
     # lessons, their order and the compressed embeddings: the same bytes
