@@ -183,6 +183,7 @@ class ReasoningBank:
         self._depth = 0
         self._pending_ids: set[int] = set()
         self._pending_traj: list[tuple[str, list[Trajectory]]] = []
+        self._pending_cons = False  # the consolidator's state (λ, Fisher table, counters) changed
         if journal:
             self._attach_journal(journal, fsync, after_seq=0)
 
@@ -234,7 +235,7 @@ class ReasoningBank:
                 ok = True
             finally:
                 self._depth -= 1
-                if self._depth == 0 and (ok or self._pending_ids or self._pending_traj):
+                if self._depth == 0 and (ok or self._pending_ids or self._pending_traj or self._pending_cons):
                     # also on error: whatever did change in memory is recorded, so memory and journal agree
                     self._commit(name)
 
@@ -242,6 +243,7 @@ class ReasoningBank:
         if self._journal is None:
             self._pending_ids.clear()
             self._pending_traj.clear()
+            self._pending_cons = False
             return
         ids = sorted(self._pending_ids)
         traj_ops = self._pending_traj
@@ -257,6 +259,11 @@ class ReasoningBank:
             tt, tm = _trajectories_to_tensors(ts, prefix=f"t{k}/")
             tensors.update(tt)
             meta["traj"].append({"kind": kind, "meta": tm})
+        if self._pending_cons and self._consolidator is not None:
+            ct, cm = self._consolidator.state_tensors("c/")
+            tensors.update(ct)
+            meta["consolidator"] = cm
+        self._pending_cons = False
         self._journal.append(meta, tensors)
 
     def _replay(self, journal: Any, after_seq: int) -> int:
@@ -283,6 +290,8 @@ class ReasoningBank:
                     raise ValueError("'del' must be a list of pattern ids")
                 if dels:
                     self._store.remove_patterns(dels)
+                if meta.get("consolidator") is not None:
+                    self._get_consolidator().load_state_tensors(tensors, meta["consolidator"], "c/")
                 self._stats = _stats_from_json(meta["stats"])
                 n += 1
         except JournalError:
@@ -469,6 +478,7 @@ class ReasoningBank:
         """
         with self._op("consolidate"):
             cons = self._get_consolidator()
+            self._pending_cons = True  # journaled with the op (also when it fails midway)
             result = cons.consolidate_store(self._store, group=group, distributed=distributed)
             self._stats.consolidation_count += 1
             self._stats.last_consolidation = utcnow()

@@ -53,6 +53,30 @@ def test_replay_after_crash_without_snapshot(tmp_path, fsync):
     assert again.replayed_records >= 12
 
 
+def test_consolidation_state_is_journaled(tmp_path):
+    """λ, the Fisher table and the consolidator's counters come back after a crash, not only the patterns."""
+    cfg = ReasoningBankConfig(embedding_dim=D, storage_path=str(tmp_path))
+    bank = ReasoningBank(cfg, journal=True)
+    g = torch.Generator().manual_seed(7)
+    _workload(bank, g)
+    cons = bank._get_consolidator()
+    ids = [p.id for p in bank.export_patterns()]
+    cons.update_fisher(ids[:3], torch.rand(3, D, generator=g))
+    result = bank.consolidate()
+    expected = (_state(bank), cons.lambda_, cons.stats(), {i: cons.fisher(i) for i in ids})
+    del bank, cons  # a crash: no save(), no close()
+    again = ReasoningBank(cfg, journal=True)
+    c2 = again._consolidator
+    assert c2 is not None and _state(again) == expected[0]
+    assert c2.lambda_ == expected[1] and c2.stats() == expected[2]
+    assert c2.stats().consolidation_count == 1 and result.patterns_after == len(again.store)
+    for i, f in expected[3].items():
+        got = c2.fisher(i)
+        assert (got is None) == (f is None)
+        if f is not None:
+            assert torch.equal(got.diagonal, f.diagonal) and got.sample_count == f.sample_count
+
+
 def test_snapshot_then_journal(tmp_path):
     cfg = ReasoningBankConfig(embedding_dim=D, storage_path=str(tmp_path))
     g = torch.Generator().manual_seed(1)
