@@ -63,6 +63,7 @@ _EXPORTS = {
     # snapshots and journal
     "SnapshotError": "snapshot",
     "JournalError": "journal",
+    "JournalTailWarning": "journal",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -87,7 +88,7 @@ if TYPE_CHECKING:  # static type checkers see the real names
         TrajectorySummary,
     )
     from .ewc import EWCPlusPlus
-    from .journal import JournalError
+    from .journal import JournalError, JournalTailWarning
     from .patterns import Pattern, PatternCategory, PatternMetadata, PatternSearchResult
     from .snapshot import SnapshotError
     from .store import LowConfidenceError, PatternStats, PatternStore, PatternStoreConfig

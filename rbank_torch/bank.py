@@ -547,7 +547,8 @@ class ReasoningBank:
 
         Raises :class:`~rbank_torch.snapshot.SnapshotError` for a missing, corrupt, foreign or incompatible
         file and :class:`~rbank_torch.journal.JournalError` for a corrupt journal; never executes code from
-        either. A torn last journal record (a crash mid-write) is dropped, never half-applied."""
+        either. A damaged last journal record (torn by a crash mid-write, or corrupt) is dropped, never
+        half-applied; its bytes are kept beside the journal and a ``JournalTailWarning`` names them."""
         from .snapshot import SnapshotError, read_snapshot
         from .store import _check_overrides
 
@@ -555,7 +556,7 @@ class ReasoningBank:
         tensors, meta = read_snapshot(path, _BANK_FORMAT)
         try:
             cfg = ReasoningBankConfig.from_dict(meta["config"])
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, OverflowError) as e:
             raise SnapshotError(f"{path}: corrupt or incompatible bank snapshot ({type(e).__name__}: {e})") from None
         # overrides (device, backend, ef_search, …) apply to the bank's config and to the loaded store
         for k, v in pattern_overrides.items():

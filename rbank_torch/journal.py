@@ -11,14 +11,35 @@ File layout::
         payload                              a safetensors blob (tensors + JSON metadata)
 
 The payload is parsed by safetensors (a JSON header and raw little-endian buffers): nothing in a journal is
-unpickled or executed. On open, a torn last record (a crash in the middle of a write: short header, short
-payload, or a bad CRC on the very last record) is detected and cut off; a bad record followed by good ones
-is corruption and raises :class:`JournalError`.
+unpickled or executed.
+
+Damage at the end of the file. On open, the records are checked in order; at the first bad one:
+
+- **torn** (what a write interrupted by a crash leaves): fewer bytes than a record header remain, the
+  header's declared length runs past the end of the file, or every byte from the record's start to the end
+  of the file is zero (a zero-filled tail). It is dropped unless an intact record follows it (then the
+  length field itself is damaged: :class:`JournalError`).
+- **corrupt**: a complete record (its declared length fits in the file) whose checksum fails (or whose
+  magic or sequence number is wrong) and that ends exactly at the end of the file. A killed process cannot
+  leave this, but it is the final record, so it is dropped too, with an explicit warning.
+- a complete bad record followed by more bytes is corruption in the middle of the file and raises
+  :class:`JournalError`; nothing is dropped.
+
+A dropped tail is never destroyed: its bytes are first copied, atomically and fsynced, to a sibling file
+``<journal>.tail-<UTC time>-<n>.bad``, then the journal is truncated to the last intact record and a
+:class:`JournalTailWarning` names the copy, the offset, the byte count and the kind. The outcome is kept in
+:attr:`Journal.records_dropped`, :attr:`Journal.tail_kind`, :attr:`Journal.dropped_tail_path`,
+:attr:`Journal.dropped_tail_offset` and :attr:`Journal.dropped_tail_bytes`.
 
 fsync policies: ``"always"`` fsyncs every record before the mutation is acknowledged; ``"batch"`` fsyncs
-every ``batch_records`` records or ``batch_interval_s`` seconds (and on close); ``"off"`` never fsyncs.
-Every record is written to the operating system before the call returns, so a killed *process* loses
-nothing in any mode; the policy decides what survives a crash of the *machine*.
+inside ``append`` every ``batch_records`` records or once ``batch_interval_s`` seconds have passed since
+the last fsync, and a background flusher thread (one per journal, started by the first append that leaves
+a record unsynced, stopped by :meth:`Journal.close`) fsyncs records still unsynced
+``batch_interval_s`` after the last fsync, so no record stays unsynced much longer than
+``batch_interval_s`` when appends stop; ``"off"`` never fsyncs (only :meth:`Journal.sync` does). Every
+record is written to the operating system before the call returns, so a killed *process* loses nothing in
+any mode; the policy decides what survives a crash of the *machine*. ``close()`` fsyncs (except with
+``"off"``).
 """
 
 from __future__ import annotations
@@ -27,14 +48,25 @@ import os
 import struct
 import threading
 import time
+import warnings
+import weakref
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["Journal", "JournalError", "FSYNC_POLICIES", "encode_payload", "decode_payload"]
+__all__ = [
+    "Journal",
+    "JournalError",
+    "JournalTailWarning",
+    "FSYNC_POLICIES",
+    "encode_payload",
+    "decode_payload",
+]
 
 FILE_MAGIC = b"RBJ1"
 _FILE_HDR = struct.Struct("<4sQ")
@@ -43,10 +75,46 @@ _HDR = struct.Struct("<4sQII")  # magic, seq, length, crc
 FSYNC_POLICIES = ("always", "batch", "off")
 #: a record longer than this is refused (bounded memory on hostile files)
 MAX_RECORD_BYTES = 1 << 31
+#: chunk size for scanning and copying a damaged tail (bounded memory)
+_CHUNK = 1 << 20
+#: how long an idle batch flusher sleeps before it checks whether its journal still exists
+_FLUSHER_IDLE_S = 1.0
 
 
 class JournalError(ValueError):
     """A journal file is corrupt (not just torn at its end) or foreign."""
+
+
+class JournalTailWarning(RuntimeWarning):
+    """A damaged tail was dropped from a journal when it was opened (its bytes were preserved).
+
+    Attributes:
+        journal: the journal file.
+        offset: byte offset of the dropped tail (the end of the last intact record).
+        nbytes: how many bytes were dropped.
+        kind: ``"torn"`` (an interrupted write: a short header, a record running past the end of the
+            file, or a zero-filled tail) or ``"corrupt"`` (a complete final record whose checksum fails).
+        reason: what exactly was wrong.
+        preserved: the sibling file holding the dropped bytes.
+    """
+
+    def __init__(
+        self, message: str, *, journal: Path, offset: int, nbytes: int, kind: str, reason: str, preserved: Path
+    ) -> None:
+        super().__init__(message)
+        self.journal = journal
+        self.offset = offset
+        self.nbytes = nbytes
+        self.kind = kind
+        self.reason = reason
+        self.preserved = preserved
+
+
+@dataclass(frozen=True)
+class _Tail:
+    offset: int
+    kind: str  # "torn" | "corrupt"
+    reason: str
 
 
 def encode_payload(meta: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> bytes:
@@ -85,6 +153,72 @@ def _crc(seq: int, length: int, payload: bytes) -> int:
     return zlib.crc32(payload, zlib.crc32(struct.pack("<QI", seq, length)))
 
 
+# ---------------------------------------------------------------------- fork safety
+# Every open journal, so that a fork never happens while one of its locks is held (by the batch flusher
+# or another thread in the middle of a write): the locks are taken before the fork and released after it;
+# in the child they are replaced and the flusher (a thread that does not exist there) is forgotten.
+_LIVE: weakref.WeakSet[Journal] = weakref.WeakSet()
+_LIVE_LOCK = threading.Lock()
+_FORK_HELD: list[Journal] = []
+
+
+def _before_fork() -> None:
+    _LIVE_LOCK.acquire()
+    for j in list(_LIVE):
+        j._lock.acquire()
+        _FORK_HELD.append(j)
+
+
+def _after_fork_parent() -> None:
+    while _FORK_HELD:
+        _FORK_HELD.pop()._lock.release()
+    _LIVE_LOCK.release()
+
+
+def _after_fork_child() -> None:
+    global _LIVE_LOCK
+    while _FORK_HELD:
+        j = _FORK_HELD.pop()
+        j._lock = threading.Lock()
+        j._cond = threading.Condition(j._lock)
+        j._flusher = None
+    _LIVE_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_parent, after_in_child=_after_fork_child)
+
+
+def _flusher_main(ref: weakref.ReferenceType[Journal], cond: threading.Condition) -> None:
+    """The batch flusher: fsyncs records left unsynced ``batch_interval_s`` after the last fsync.
+
+    Holds its journal only weakly while it sleeps, so a journal dropped without ``close()`` is collected and
+    the thread ends within ``_FLUSHER_IDLE_S``.
+    """
+    me = threading.current_thread()
+    while True:
+        j = ref()
+        if j is None:
+            return
+        with cond:
+            if j._closed or j._flusher is not me or j._cond is not cond:
+                return
+            wait = _FLUSHER_IDLE_S
+            if j._unsynced:
+                wait = j._last_sync + j.batch_interval_s - time.monotonic()
+                if wait <= 0:
+                    try:
+                        j._f.flush()
+                        j._sync()
+                    except (OSError, ValueError) as e:  # reported by the next append / sync / close
+                        j._sync_error = e
+                        j._flusher = None
+                        return
+                    wait = _FLUSHER_IDLE_S
+            del j
+            cond.wait(wait)
+
+
 class Journal:
     """Append-only journal file.
 
@@ -92,7 +226,16 @@ class Journal:
         path: the journal file (created when missing).
         fsync: ``"always"``, ``"batch"`` or ``"off"``.
         batch_records: with ``"batch"``, fsync after this many records.
-        batch_interval_s: with ``"batch"``, fsync when this long has passed since the last fsync.
+        batch_interval_s: with ``"batch"``, no record stays unsynced much longer than this: ``append`` fsyncs
+            when this long has passed since the last fsync, and a background flusher does when no append
+            comes.
+
+    Attributes:
+        records_dropped: 1 when a damaged tail was dropped on open, else 0.
+        tail_kind: ``"torn"`` or ``"corrupt"`` for a dropped tail (see the module docs), else None.
+        dropped_tail_path: the sibling file the dropped bytes were copied to, else None.
+        dropped_tail_offset: where the dropped tail started (the new end of the file), else None.
+        dropped_tail_bytes: how many bytes were dropped (0 when none).
     """
 
     def __init__(
@@ -109,24 +252,32 @@ class Journal:
         self.batch_records = int(batch_records)
         self.batch_interval_s = float(batch_interval_s)
         self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._flusher: threading.Thread | None = None
+        self._sync_error: BaseException | None = None
+        self._closed = False
         self._unsynced = 0
         self._last_sync = time.monotonic()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.last_seq = 0
-        self.records_dropped = 0  # torn tail records cut off when opening
+        self.records_dropped = 0  # damaged tail records cut off (and preserved) when opening
+        self.tail_kind: str | None = None
+        self.dropped_tail_path: Path | None = None
+        self.dropped_tail_offset: int | None = None
+        self.dropped_tail_bytes = 0
         if self.path.exists() and self.path.stat().st_size > 0:
-            end, self.last_seq, self.records_dropped = self._scan_valid_end()
+            end, self.last_seq, tail = self._scan_valid_end()
             self.last_seq = max(self.last_seq, self._base_seq())
-            if end < self.path.stat().st_size:
-                with open(self.path, "r+b") as f:
-                    f.truncate(end)
-                    f.flush()
-                    os.fsync(f.fileno())
+            size = self.path.stat().st_size
+            if end < size:
+                self._drop_tail(tail or _Tail(end, "torn", "unreadable bytes after the last record"), size)
         else:
             from .snapshot import atomic_write_bytes
 
             atomic_write_bytes(self.path, lambda f: f.write(_FILE_HDR.pack(FILE_MAGIC, 0)))
         self._f = open(self.path, "ab")  # noqa: SIM115 - kept open for appends
+        with _LIVE_LOCK:
+            _LIVE.add(self)
 
     # ------------------------------------------------------------------ reading
     def _base_seq(self) -> int:
@@ -136,16 +287,16 @@ class Journal:
             raise JournalError(f"{self.path}: not an rbank_torch journal (bad file header)")
         return _FILE_HDR.unpack(hdr)[1]
 
-    def _scan_valid_end(self) -> tuple[int, int, int]:
-        """Offset just past the last intact record, its sequence number, and how many torn records follow."""
+    def _scan_valid_end(self) -> tuple[int, int, _Tail | None]:
+        """Offset just past the last intact record, its sequence number, and the tolerated damage after it."""
         end = _FILE_HDR.size
         last = 0
-        for _seq, _payload, off_end in self._iter_raw(tolerate_tail=True):
+        tail: list[_Tail] = []
+        for _seq, _payload, off_end in self._iter_raw(tolerate_tail=True, tail_out=tail):
             end, last = off_end, _seq
-        size = self.path.stat().st_size
-        return end, last, int(end < size)
+        return end, last, (tail[0] if tail else None)
 
-    def _iter_raw(self, tolerate_tail: bool) -> Iterator[tuple[int, bytes, int]]:
+    def _iter_raw(self, tolerate_tail: bool, tail_out: list[_Tail] | None = None) -> Iterator[tuple[int, bytes, int]]:
         size = self.path.stat().st_size
         with open(self.path, "rb") as f:
             fh = f.read(_FILE_HDR.size)
@@ -155,28 +306,59 @@ class Journal:
             prev = _FILE_HDR.unpack(fh)[1]
             while off < size:
                 hdr = f.read(_HDR.size)
-                torn = None
+                bad = None
+                rec_end = size + 1  # where the damaged record ends (past EOF unless its header is complete)
                 if len(hdr) < _HDR.size:
-                    torn = "short record header"
+                    bad = "short record header"
                 else:
                     magic, seq, length, crc = _HDR.unpack(hdr)
+                    if length <= MAX_RECORD_BYTES:
+                        rec_end = off + _HDR.size + length
                     if magic != REC_MAGIC:
-                        torn = "bad record magic"
-                    elif length > MAX_RECORD_BYTES or off + _HDR.size + length > size:
-                        torn = "record runs past the end of the file"
+                        bad = "bad record magic"
+                    elif rec_end > size:
+                        bad = "record runs past the end of the file"
                     else:
                         payload = f.read(length)
                         if _crc(seq, length, payload) != crc:
-                            torn = "checksum mismatch"
+                            bad = "checksum mismatch"
                         elif seq <= prev:
-                            torn = "sequence numbers out of order"
-                if torn is not None:
-                    if tolerate_tail and self._only_garbage_after(off, size):
-                        return
-                    raise JournalError(f"{self.path}: corrupt journal at byte {off} ({torn})")
+                            bad = "sequence numbers out of order"
+                if bad is not None:
+                    tail = self._classify_tail(off, size, rec_end, bad) if tolerate_tail else None
+                    if tail is None:
+                        raise JournalError(f"{self.path}: corrupt journal at byte {off} ({bad})")
+                    if tail_out is not None:
+                        tail_out.append(tail)
+                    return
                 off += _HDR.size + length
                 prev = seq
                 yield seq, payload, off
+
+    def _classify_tail(self, off: int, size: int, rec_end: int, bad: str) -> _Tail | None:
+        """The damage at ``off`` as a droppable tail, or None when it is corruption in the middle of the file."""
+        if self._all_zero(off, size):
+            return _Tail(off, "torn", f"zero-filled tail ({bad})")
+        if rec_end > size:  # a short header, or a record running past the end of the file: an interrupted write
+            if self._only_garbage_after(off, size):
+                return _Tail(off, "torn", bad)
+            return None  # an intact record follows: the header itself is damaged
+        if rec_end == size:  # a complete record, the last one, that does not check out: corrupt, not torn
+            return _Tail(off, "corrupt", bad)
+        return None  # a complete bad record followed by more bytes
+
+    def _all_zero(self, off: int, size: int) -> bool:
+        with open(self.path, "rb") as f:
+            f.seek(off)
+            left = size - off
+            while left > 0:
+                chunk = f.read(min(_CHUNK, left))
+                if not chunk:
+                    break
+                if chunk.count(0) != len(chunk):
+                    return False
+                left -= len(chunk)
+        return True
 
     def _only_garbage_after(self, off: int, size: int) -> bool:
         """True when no intact record starts after ``off`` (the damage is a torn tail, not mid-file rot)."""
@@ -193,6 +375,65 @@ class Journal:
                     return False
             pos = rest.find(REC_MAGIC, pos + 1)
         return True
+
+    def _drop_tail(self, tail: _Tail, size: int) -> None:
+        """Copy the bytes from ``tail.offset`` to the end to a sibling file (fsynced), then truncate and warn."""
+        from .snapshot import atomic_write_bytes
+
+        nbytes = size - tail.offset
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        n = 1
+        while True:
+            keep = self.path.with_name(f"{self.path.name}.tail-{stamp}-{n}.bad")
+            if not keep.exists():
+                break
+            n += 1
+
+        def copy(out: Any) -> None:
+            with open(self.path, "rb") as src:
+                src.seek(tail.offset)
+                left = nbytes
+                while left > 0:
+                    chunk = src.read(min(_CHUNK, left))
+                    if not chunk:
+                        raise OSError(f"{self.path} shrank while its damaged tail was being copied")
+                    out.write(chunk)
+                    left -= len(chunk)
+
+        try:
+            atomic_write_bytes(keep, copy)
+        except OSError as e:
+            raise JournalError(
+                f"{self.path}: a damaged tail ({tail.kind}: {tail.reason}) at byte {tail.offset} could not be "
+                f"preserved in {keep} ({e}); the journal was left untouched"
+            ) from e
+        with open(self.path, "r+b") as f:
+            f.truncate(tail.offset)
+            f.flush()
+            os.fsync(f.fileno())
+        self.records_dropped = 1
+        self.tail_kind = tail.kind
+        self.dropped_tail_path = keep
+        self.dropped_tail_offset = tail.offset
+        self.dropped_tail_bytes = nbytes
+        if tail.kind == "torn":
+            what = "it looks like a write interrupted by a crash"
+        else:
+            what = ("a complete final record that does not check out: a crash does not do this, suspect the "
+                    "disk or another writer")
+        warnings.warn(
+            JournalTailWarning(
+                f"{self.path}: dropped a {tail.kind} tail of {nbytes} bytes at byte {tail.offset} "
+                f"({tail.reason}; {what}); the bytes were preserved in {keep}",
+                journal=self.path,
+                offset=tail.offset,
+                nbytes=nbytes,
+                kind=tail.kind,
+                reason=tail.reason,
+                preserved=keep,
+            ),
+            stacklevel=3,
+        )
 
     def records(self, after_seq: int = 0) -> Iterator[tuple[int, dict[str, Any], dict[str, torch.Tensor]]]:
         """Decoded records with ``seq > after_seq``, in order."""
@@ -214,15 +455,32 @@ class Journal:
             self._f.flush()
             self.last_seq = seq
             self._unsynced += 1
-            if self.fsync == "always" or (
-                self.fsync == "batch"
-                and (
+            if self.fsync == "always":
+                self._sync()
+            elif self.fsync == "batch":
+                if (
                     self._unsynced >= self.batch_records
                     or time.monotonic() - self._last_sync >= self.batch_interval_s
-                )
-            ):
-                self._sync()
+                ):
+                    self._sync()
+                elif self._flusher is None:
+                    self._start_flusher()
+                elif self._unsynced == 1:
+                    self._cond.notify()  # the flusher may be idle: it now has a deadline
+                if self._sync_error is not None:  # a background fsync failed: report it (the record is written)
+                    err, self._sync_error = self._sync_error, None
+                    raise err
         return seq
+
+    def _start_flusher(self) -> None:
+        t = threading.Thread(
+            target=_flusher_main,
+            args=(weakref.ref(self), self._cond),
+            name=f"rbank-journal-flusher:{self.path.name}",
+            daemon=True,
+        )
+        self._flusher = t
+        t.start()
 
     def _sync(self) -> None:
         os.fsync(self._f.fileno())
@@ -234,6 +492,9 @@ class Journal:
         with self._lock:
             self._f.flush()
             self._sync()
+            if self._sync_error is not None:
+                err, self._sync_error = self._sync_error, None
+                raise err
 
     def reset(self, base_seq: int) -> None:
         """Start over, empty, after a snapshot that holds everything up to ``base_seq``.
@@ -249,14 +510,36 @@ class Journal:
             self._f = open(self.path, "ab")  # noqa: SIM115
             self.last_seq = base
             self._unsynced = 0
+            self._last_sync = time.monotonic()
 
     def close(self) -> None:
+        """Flush, fsync (unless the policy is ``"off"``) and close; stops the batch flusher (joined).
+
+        An fsync error (this one, or an earlier one of the background flusher) is raised after everything
+        is closed and stopped."""
+        err: BaseException | None = None
         with self._lock:
+            flusher, self._flusher = self._flusher, None
+            self._closed = True
+            self._cond.notify_all()
             if not self._f.closed:
-                self._f.flush()
-                if self.fsync != "off":
-                    os.fsync(self._f.fileno())
-                self._f.close()
+                try:
+                    self._f.flush()
+                    if self.fsync != "off":
+                        os.fsync(self._f.fileno())
+                    self._unsynced = 0
+                except (OSError, ValueError) as e:
+                    err = e
+                finally:
+                    self._f.close()
+            if self._sync_error is not None:
+                err, self._sync_error = (err or self._sync_error), None
+        if flusher is not None and flusher is not threading.current_thread():
+            flusher.join()
+        with _LIVE_LOCK:
+            _LIVE.discard(self)
+        if err is not None:
+            raise err
 
     def __enter__(self) -> Journal:
         return self
