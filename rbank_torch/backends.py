@@ -26,7 +26,10 @@ How an approximate backend stays correct:
   keep using the previous index (or exact search) until the new one is ready; faiss calls run under a
   reader/writer lock of the index (exclusive on GPU, whose indexes are not thread-safe), and the faiss
   search itself runs outside the store lock when the caller does not hold it, so concurrent searches
-  overlap (faiss releases the GIL).
+  overlap (faiss releases the GIL);
+- an index saved in a snapshot is derived data: on load its bytes are walked before faiss reads them (sizes
+  bounded by the blob, ids in range), its vectors compared with the stored rows and a self-search probe run;
+  an index failing any check is rebuilt from the rows (with a warning), never used.
 
 ``import rbank_torch`` never imports faiss: it is imported the first time an approximate index is needed.
 """
@@ -38,6 +41,7 @@ import logging
 import math
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
@@ -413,6 +417,276 @@ class _SearchPlan:
         if self._device.type != "cpu":
             s, ids_t = s.to(self._device), ids_t.to(self._device)
         return s, ids_t
+
+
+# ---------------------------------------------------------------------------------------------- index bytes
+# A snapshot's index is derived data: it is checked against the stored rows before use and rebuilt from them
+# when anything is off. faiss's reader trusts the sizes in its input (a 40 KB blob can make it allocate
+# gigabytes) and its search trusts the graph / list ids (an id out of range reads out of bounds), so the blob
+# is walked here first, in numpy, for the three layouts this module writes (faiss/impl/index_read.cpp):
+#
+#   index header: fourcc u32 | d i32 | ntotal i64 | 2 × dummy i64 | is_trained u8 | metric_type i32
+#                 (| metric_arg f32 when metric_type > 1); a vector: count u64 then count items
+#   "IxFI"/"IxF2"/"IxFl" (IndexFlat): header | codes as floats: count (= ntotal·d) u64, floats
+#   "IHNf" (IndexHNSWFlat): header | assign_probas f64[] | cum_nneighbor_per_level i32[] | levels i32[]
+#                 | offsets u64[] | neighbors i32[] | entry_point i32 | max_level i32 | efConstruction i32
+#                 | efSearch i32 | unused i32 | storage (an IndexFlat)
+#   "IwFl" (IndexIVFFlat): header | nlist u64 | nprobe u64 | quantizer (an IndexFlat) | direct map type u8,
+#                 i64[] | "ilar" | nlist u64 | code_size u64 | "full" u64[nlist] sizes or "sprs" u64[]
+#                 (list, size) pairs | per non-empty list: codes (size·code_size bytes), ids (size i64)
+#
+# Every count is checked against the expected shape and the bytes left before anything is read, so faiss
+# is only handed a blob whose allocations are bounded by its length and whose ids are in range.
+
+#: floats of index vectors compared one by one with the rows on load; larger indexes compare a sample
+_VERIFY_ALL_FLOATS = 1 << 22
+#: stored vectors compared with their rows (and IVF assignments checked) when the index is larger
+_VERIFY_SAMPLE = 256
+#: probe queries (live slots searched for themselves) on load; indexes up to this many live slots probe all
+_PROBE_ALL = 512
+_PROBE_SAMPLE = 64
+_MAX_HNSW_LEVELS = 256
+
+
+def _fourcc(s: str) -> int:
+    b = s.encode("ascii")
+    return b[0] | b[1] << 8 | b[2] << 16 | b[3] << 24
+
+
+_FLAT_CODES = {_fourcc("IxFI"), _fourcc("IxF2"), _fourcc("IxFl")}
+_HNSW_FLAT = _fourcc("IHNf")
+_IVF_FLAT = _fourcc("IwFl")
+
+
+class _BlobReader:
+    """Bounds-checked little-endian reads from a serialized faiss index (views, no copies)."""
+
+    __slots__ = ("buf", "pos")
+
+    def __init__(self, buf: np.ndarray) -> None:
+        self.buf = buf
+        self.pos = 0
+
+    def take(self, nbytes: int, what: str) -> np.ndarray:
+        if nbytes < 0 or nbytes > self.buf.shape[0] - self.pos:
+            raise ValueError(f"index bytes end inside {what} (needs {nbytes} bytes at offset {self.pos}, "
+                             f"{self.buf.shape[0] - self.pos} left)")
+        a = self.buf[self.pos : self.pos + nbytes]
+        self.pos += nbytes
+        return a
+
+    def scalar(self, dt: str, what: str) -> Any:
+        return self.take(np.dtype(dt).itemsize, what).view(dt)[0].item()
+
+    def array(self, dt: str, count: int, what: str) -> np.ndarray:
+        return self.take(count * np.dtype(dt).itemsize, what).view(dt)
+
+    def vector(self, dt: str, what: str, count: int | None = None, most: int | None = None) -> np.ndarray:
+        """A faiss vector (u64 count, then the items); ``count``: the count it must hold, ``most``: at most."""
+        c = self.scalar("<u8", what + " size")
+        if count is not None and c != count:
+            raise ValueError(f"{what} holds {c} items, expected {count}")
+        if most is not None and c > most:
+            raise ValueError(f"{what} holds {c} items, at most {most} expected")
+        return self.array(dt, c, what)
+
+    def header(self, fourccs: set[int], d: int, ntotal: int, metric: int, what: str) -> int:
+        h = self.scalar("<u4", what + " type")
+        if h not in fourccs:
+            raise ValueError(f"{what} has type {h:#010x}, expected one of {sorted(fourccs)}")
+        got_d = self.scalar("<i4", what + " d")
+        got_n = self.scalar("<i8", what + " ntotal")
+        self.take(16, what + " header")
+        trained = self.scalar("<u1", what + " is_trained")
+        got_metric = self.scalar("<i4", what + " metric")
+        if (got_d, got_n, got_metric, trained) != (d, ntotal, metric, 1):
+            raise ValueError(f"{what} header says {got_n} × {got_d}, metric {got_metric}, trained {trained}; "
+                             f"expected {ntotal} × {d}, metric {metric}, trained")
+        return h
+
+    def flat(self, d: int, ntotal: int, metric: int, what: str) -> np.ndarray:
+        """An IndexFlat: its vectors ``[ntotal, d]`` float32."""
+        self.header(_FLAT_CODES, d, ntotal, metric, what)
+        return self.vector("<f4", what + " vectors", count=ntotal * d).reshape(ntotal, d)
+
+
+@dataclass
+class _ParsedIndex:
+    """What :func:`_parse_index` read: views of the stored vectors and, for IVF, of the lists and centroids."""
+
+    kind: str
+    ntotal: int
+    blocks: list[np.ndarray]  # stored vectors ``[m, D]`` float32: one block in slot order, or one per IVF list
+    block_of: np.ndarray | None = None  # ivf: block holding each slot
+    row_of: np.ndarray | None = None  # ivf: row of its block holding each slot
+    block_slots: list[np.ndarray] | None = None  # ivf: slot of each row of each block
+    list_of: np.ndarray | None = None  # ivf: list of each slot
+    centroids: np.ndarray | None = None  # ivf: ``[nlist, D]``
+
+    def slot_vectors(self, slots: np.ndarray) -> np.ndarray:
+        """Stored vectors of ``slots`` ``[m]`` → ``[m, D]`` float32 (a copy)."""
+        if self.block_of is None or self.row_of is None:
+            return np.ascontiguousarray(self.blocks[0][slots], dtype=np.float32)
+        out = np.empty((slots.shape[0], self.blocks[0].shape[1] if self.blocks else 0), dtype=np.float32)
+        for i, s in enumerate(slots.tolist()):
+            out[i] = self.blocks[int(self.block_of[s])][int(self.row_of[s])]
+        return out
+
+    def chunks(self, rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(slots ``[m]``, their stored vectors ``[m, D]``) over every slot, about ``rows`` at a time."""
+        if self.block_slots is None:
+            v = self.blocks[0]
+            for a in range(0, v.shape[0], rows):
+                yield np.arange(a, min(a + rows, v.shape[0]), dtype=np.int64), v[a : a + rows]
+            return
+        i = 0
+        while i < len(self.blocks):
+            j, m = i, 0
+            while j < len(self.blocks) and (m == 0 or m + self.blocks[j].shape[0] <= rows):
+                m += self.blocks[j].shape[0]
+                j += 1
+            yield np.concatenate(self.block_slots[i:j]), np.concatenate(self.blocks[i:j])
+            i = j
+
+
+def _parse_index(blob: np.ndarray, kind: str, d: int, ntotal: int, metric: int, nlist: int) -> _ParsedIndex:
+    """Walk a serialized index of ``kind`` (module comment above); raises ValueError naming what is wrong."""
+    r = _BlobReader(blob)
+    if kind == "flat":
+        p = _ParsedIndex(kind, ntotal, [r.flat(d, ntotal, metric, "flat index")])
+    elif kind == "hnsw":
+        p = _parse_hnsw(r, d, ntotal, metric)
+    elif kind == "ivf":
+        p = _parse_ivf(r, d, ntotal, metric, nlist)
+    else:
+        raise ValueError(f"unknown index kind {kind!r}")
+    if r.pos != blob.shape[0]:
+        raise ValueError(f"{blob.shape[0] - r.pos} bytes follow the index")
+    return p
+
+
+def _parse_hnsw(r: _BlobReader, d: int, n: int, metric: int) -> _ParsedIndex:
+    r.header({_HNSW_FLAT}, d, n, metric, "HNSW index")
+    probas = r.vector("<f8", "HNSW level probabilities", most=_MAX_HNSW_LEVELS)
+    cum = r.vector("<i4", "HNSW neighbours per level", count=probas.shape[0] + 1).astype(np.int64)
+    # faiss's defaults for the graph's M (HNSW::set_default_probas): level l gets 2M (l = 0) or M links and
+    # probability exp(-l·ln M)·(1 - 1/M); other values would let later inserts claim many links / levels
+    m2 = int(cum[1]) if cum.shape[0] > 1 else 0
+    if m2 < 4 or m2 % 2 or int(cum[0]) != 0 or (np.diff(cum[1:]) != m2 // 2).any():
+        raise ValueError("HNSW neighbours per level are not 2M, M, M, ...")
+    mult = 1.0 / math.log(m2 // 2)
+    want = np.exp(-np.arange(probas.shape[0]) / mult) * (1.0 - math.exp(-1.0 / mult))
+    if not np.allclose(probas, want, rtol=1e-4, atol=1e-12):  # NaN fails
+        raise ValueError("HNSW level probabilities are not faiss's for the graph's M")
+    levels = r.vector("<i4", "HNSW levels", count=n).astype(np.int64)
+    if n and (int(levels.min()) < 1 or int(levels.max()) > cum.shape[0] - 1):
+        raise ValueError(f"HNSW levels out of [1, {cum.shape[0] - 1}]")
+    offsets = r.vector("<u8", "HNSW offsets", count=n + 1).astype(np.int64)
+    if offsets[0] != 0 or (n and not np.array_equal(np.diff(offsets), cum[levels])):
+        raise ValueError("HNSW offsets do not match the node levels")
+    nb = r.vector("<i4", "HNSW neighbours", count=int(offsets[-1]))
+    if nb.shape[0] and (int(nb.min()) < -1 or int(nb.max()) >= n):
+        raise ValueError(f"HNSW neighbour ids out of [-1, {n})")
+    entry = r.scalar("<i4", "HNSW entry point")
+    max_level = r.scalar("<i4", "HNSW max level")
+    r.take(12, "HNSW search settings")
+    if n == 0:
+        if entry != -1 or max_level != -1:
+            raise ValueError("empty HNSW graph with an entry point")
+    else:
+        top = int(levels.max()) - 1
+        if max_level != top or not 0 <= entry < n or int(levels[entry]) - 1 != top:
+            raise ValueError(f"HNSW entry point {entry} / max level {max_level} do not match the graph")
+        # upper levels: a node's neighbours at level L must exist at level L (its list there is read then)
+        for lev in range(1, top + 1):
+            nodes = np.nonzero(levels > lev)[0]
+            width = int(cum[lev + 1] - cum[lev])
+            if nodes.size == 0 or width == 0:
+                continue
+            at = (offsets[nodes] + int(cum[lev]))[:, None] + np.arange(width)
+            ids = nb[at].astype(np.int64)
+            ok = ids < 0
+            ok |= levels[np.where(ok, 0, ids)] > lev
+            if not ok.all():
+                raise ValueError(f"HNSW level-{lev} neighbours that are not on level {lev}")
+    return _ParsedIndex("hnsw", n, [r.flat(d, n, metric, "HNSW storage")])
+
+
+def _parse_ivf(r: _BlobReader, d: int, n: int, metric: int, nlist: int) -> _ParsedIndex:
+    r.header({_IVF_FLAT}, d, n, metric, "IVF index")
+    got = r.scalar("<u8", "IVF nlist")
+    nprobe = r.scalar("<u8", "IVF nprobe")
+    if got < 1 or got > max(n, 1) or (nlist and got != nlist):
+        raise ValueError(f"IVF index has {got} lists, expected {nlist or f'1..{max(n, 1)}'}")
+    nlist = got
+    if not 1 <= nprobe <= nlist:
+        raise ValueError(f"IVF nprobe {nprobe} out of [1, {nlist}]")
+    cent = r.flat(d, nlist, metric, "IVF quantizer")
+    if r.scalar("<u1", "IVF direct map type") != 0:
+        raise ValueError("IVF index with a direct map")
+    r.vector("<i8", "IVF direct map", count=0)
+    if r.scalar("<u4", "IVF lists type") != _fourcc("ilar"):
+        raise ValueError("IVF lists are not array lists")
+    code_size = 4 * d
+    if r.scalar("<u8", "IVF lists nlist") != nlist or r.scalar("<u8", "IVF code size") != code_size:
+        raise ValueError("IVF lists disagree with the index on nlist or code size")
+    list_type = r.scalar("<u4", "IVF list sizes type")
+    if list_type == _fourcc("full"):
+        sizes = r.vector("<u8", "IVF list sizes", count=nlist).astype(np.int64)
+    elif list_type == _fourcc("sprs"):
+        pairs = r.vector("<u8", "IVF list sizes", most=2 * nlist)
+        if pairs.shape[0] % 2:
+            raise ValueError("IVF sparse list sizes of odd length")
+        which = pairs[0::2]
+        if (which >= nlist).any() or np.unique(which).shape[0] != which.shape[0]:
+            raise ValueError("IVF sparse list sizes name a list out of range or twice")
+        sizes = np.zeros(nlist, dtype=np.int64)
+        cnt = pairs[1::2]
+        if (cnt > n).any():
+            raise ValueError("IVF list larger than the index")
+        sizes[which.astype(np.int64)] = cnt.astype(np.int64)
+    else:
+        raise ValueError(f"IVF list sizes of unknown type {list_type:#010x}")
+    if (sizes < 0).any() or (sizes > n).any() or int(sizes.sum()) != n:
+        raise ValueError(f"IVF lists hold {int(sizes.clip(0, n).sum())} entries, the index {n}")
+    if n * (code_size + 8) != r.buf.shape[0] - r.pos:
+        raise ValueError("IVF list data does not fill the rest of the index bytes")
+    codes: list[np.ndarray] = []
+    ids: list[np.ndarray] = []
+    for s in sizes[sizes > 0].tolist():
+        codes.append(r.array("<f4", s * d, "IVF list vectors").reshape(s, d))
+        ids.append(r.array("<i8", s, "IVF list ids"))
+    order = np.concatenate(ids).astype(np.int64) if ids else np.empty(0, dtype=np.int64)
+    if order.shape[0] and (int(order.min()) < 0 or int(order.max()) >= n
+                           or int(np.bincount(order, minlength=n).max()) != 1):
+        raise ValueError("IVF list ids are not each slot once")
+    nz = sizes[sizes > 0]
+    block_of = np.empty(n, dtype=np.int64)
+    block_of[order] = np.repeat(np.arange(nz.shape[0], dtype=np.int64), nz)
+    row_of = np.empty(n, dtype=np.int64)
+    row_of[order] = np.arange(n, dtype=np.int64) - np.repeat(np.cumsum(nz) - nz, nz)
+    list_of = np.empty(n, dtype=np.int64)
+    list_of[order] = np.repeat(np.arange(nlist, dtype=np.int64), sizes)
+    return _ParsedIndex("ivf", n, codes, block_of=block_of, row_of=row_of,
+                        block_slots=[i.astype(np.int64) for i in ids], list_of=list_of, centroids=cent)
+
+
+def _meta_int(meta: dict[str, Any], key: str, default: int | None = None) -> int:
+    v = meta.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"index metadata {key!r} is {v!r}, not a non-negative integer")
+    return v
+
+
+def _sample(slots: np.ndarray, m: int) -> np.ndarray:
+    """At most ``m`` of ``slots``, evenly spread (deterministic)."""
+    if slots.size <= m:
+        return slots
+    return slots[np.unique(np.linspace(0, slots.size - 1, m).round().astype(np.int64))]
+
+
+def _probe_slots(live_slots: np.ndarray) -> np.ndarray:
+    return live_slots if live_slots.size <= _PROBE_ALL else _sample(live_slots, _PROBE_SAMPLE)
 
 
 class FaissBackend(SearchBackend):
@@ -906,9 +1180,26 @@ class FaissBackend(SearchBackend):
         indexed = np.nonzero(self._row_slot[:n] >= 0)[0]
         slot_pos[self._row_slot[indexed]] = pos_of_row[indexed]
         live_slots = np.nonzero(slot_pos >= 0)[0]
+        probe: dict[str, Any] | None = None
         with ix.lock.read():
             cpu_index = fa.index_gpu_to_cpu(ix.index) if ix.gpu else ix.index
             blob = fa.serialize_index(cpu_index)
+            try:
+                parsed = _parse_index(np.asarray(blob, dtype=np.uint8), ix.kind, self.dim, int(ix.ntotal),
+                                      self._faiss_metric(), int(ix.nlist))
+            except ValueError as e:  # a faiss release writing another layout: loads will rebuild the index
+                log.warning("search index serialized in a layout the snapshot loader does not accept (%s); "
+                            "it will be rebuilt on load", e)
+            else:
+                if ix.kind == "hnsw" and live_slots.size:
+                    # NOTE: HNSW search is approximate: even an intact graph may not find a row from itself
+                    # (a few in 10 000 at m = 32, more at small m). What this index answers to its probe
+                    # queries is recorded so that the load can tell "intact" from "damaged" exactly.
+                    slots = _probe_slots(live_slots)
+                    ef = self._probe_ef()
+                    _, got = self._probe_search(cpu_index, "hnsw", slot_pos >= 0,
+                                                parsed.slot_vectors(slots), ef, 0)
+                    probe = {"ef": ef, "slots": slots.tolist(), "labels": got.tolist()}
         rows_by_slot = torch.from_numpy(r[slot_pos[live_slots]])
         meta = {
             "kind": ix.kind,
@@ -919,6 +1210,8 @@ class FaissBackend(SearchBackend):
             "nlist": int(ix.nlist),
             "checksum": self._checksum(rows_by_slot, slot_pos),
         }
+        if probe is not None:
+            meta["probe"] = probe
         t = {prefix + "ann/index": torch.from_numpy(np.asarray(blob, dtype=np.uint8).copy()),
              prefix + "ann/slot_pos": torch.from_numpy(slot_pos)}
         return t, meta
@@ -932,37 +1225,53 @@ class FaissBackend(SearchBackend):
         self._recompute_buffer()
         if not meta:
             return
-        kind = meta.get("kind")
+        kind = meta.get("kind") if isinstance(meta, dict) else None
         usable = {"hnsw", "ivf"} if self.forced is None else {self.forced}
         if self.forced is None and self.device.type == "cuda":
             usable = set()
-        if kind not in usable:
+        if not isinstance(kind, str) or kind not in usable:
             log.info("snapshot search index (%s) not used by backend %r; it will be rebuilt as needed",
-                     kind, self.name)
+                     kind if isinstance(kind, str) else type(kind).__name__, self.name)
             return
         try:
-            ix = self._load_index(tensors, meta, prefix)
-        except (ValueError, RuntimeError, KeyError, TypeError) as e:
+            ix, pos, live_slots = self._load_index(tensors, meta, prefix)
+        except Exception as e:  # noqa: BLE001 - derived data: whatever is wrong with it, rebuild it from the rows
+            # NOTE: MemoryError included (faiss allocating what a hostile size field asks for would raise it;
+            # the checks before deserialization are meant to make that unreachable)
             self.counters["load_rejects"] += 1
-            log.warning("search index in the snapshot does not match its rows (%s); rebuilding it", e)
+            why = str(e) if type(e) is ValueError else f"{type(e).__name__}: {e}"
+            msg = f"search index in the snapshot is unusable ({why}); rebuilding it from the stored rows"
+            log.warning("%s", msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
             return
+        self._row_slot[pos] = live_slots
         self._ix = ix
         self.counters["loads"] += 1
         self._recompute_buffer()
 
-    def _load_index(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], prefix: str) -> _Index:
+    def _load_index(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                    prefix: str) -> tuple[_Index, np.ndarray, np.ndarray]:
+        """The snapshot's index, checked against the rows; raises (ValueError mostly) when it must be rebuilt.
+
+        Returns:
+            (the index, saved positions ``[m]`` of the indexed live rows, their slots ``[m]``).
+        """
         fa = self._fa()
         n = self._n
-        blob = tensors.get(prefix + "ann/index")
+        blob_t = tensors.get(prefix + "ann/index")
         slot_pos_t = tensors.get(prefix + "ann/slot_pos")
-        if blob is None or slot_pos_t is None:
+        if blob_t is None or slot_pos_t is None:
             raise ValueError("index tensors missing")
-        if blob.dtype != torch.uint8 or slot_pos_t.dtype != torch.int64 or blob.dim() != 1 or slot_pos_t.dim() != 1:
+        if (blob_t.dtype != torch.uint8 or slot_pos_t.dtype != torch.int64 or blob_t.dim() != 1
+                or slot_pos_t.dim() != 1):
             raise ValueError("index tensors of the wrong dtype or shape")
-        slot_pos = slot_pos_t.cpu().numpy().astype(np.int64)
-        ntotal = int(meta["ntotal"])
-        if meta.get("metric") != self.metric or int(meta["dim"]) != self.dim:
+        kind = str(meta["kind"])
+        ntotal = _meta_int(meta, "ntotal")
+        nlist = _meta_int(meta, "nlist", 0)
+        built_rows = _meta_int(meta, "built_rows", ntotal)
+        if meta.get("metric") != self.metric or _meta_int(meta, "dim") != self.dim:
             raise ValueError(f"index metric/dim {meta.get('metric')}/{meta.get('dim')} differ from the store's")
+        slot_pos = slot_pos_t.cpu().numpy().astype(np.int64)
         if slot_pos.shape[0] != ntotal:
             raise ValueError(f"slot map holds {slot_pos.shape[0]} slots, index metadata says {ntotal}")
         live_slots = np.nonzero(slot_pos >= 0)[0]
@@ -971,27 +1280,221 @@ class FaissBackend(SearchBackend):
             raise ValueError("slot map points outside the rows or twice at one row")
         if self._checksum(torch.from_numpy(pos), slot_pos) != meta.get("checksum"):
             raise ValueError("checksum of the indexed rows differs")
-        index = fa.deserialize_index(np.ascontiguousarray(blob.cpu().numpy()))
-        if index.ntotal != ntotal or index.d != self.dim or index.metric_type != self._faiss_metric():
-            raise ValueError(f"index holds {index.ntotal} × {index.d} (metric {index.metric_type}), "
-                             f"expected {ntotal} × {self.dim}")
-        kind = str(meta["kind"])
-        nlist = int(meta.get("nlist", 0))
+        # 1. bound the work before faiss sees a byte: plausible size, then every field and count walked
+        blob = np.ascontiguousarray(blob_t.cpu().numpy())
+        lo, hi = ntotal * self.dim * 4, self._blob_limit(kind, ntotal, nlist)
+        if not lo <= blob.shape[0] <= hi:
+            raise ValueError(f"index of {blob.shape[0]} bytes cannot hold {ntotal} × {self.dim} ({kind}: "
+                             f"{lo} to {hi} bytes)")
+        metric = self._faiss_metric()
+        parsed = _parse_index(blob, kind, self.dim, ntotal, metric, nlist)
+        # 2. the stored vectors are the rows' (all of them up to a size, a sample beyond)
+        self._verify_vectors(parsed, slot_pos, live_slots)
+        # 3. deserialize; whatever faiss raises (its errors, MemoryError) means the same: rebuild
+        try:
+            index = fa.deserialize_index(blob)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"faiss cannot read it ({type(e).__name__}: {e})") from None
+        self._check_structure(index, kind, ntotal)
         if kind == "hnsw":
             index.hnsw.efSearch = self.store.config.ef_search
+            index.hnsw.efConstruction = self.store.config.ef_construction
+        if kind == "ivf":
+            nlist = int(index.nlist)
+            self._set_nprobe(index, nlist)
+        # 4. a self-consistency probe: stored rows searched for themselves
+        live = slot_pos >= 0
+        self._probe_check(index, kind, parsed, live, live_slots, meta)
         if self.gpu:
             index = fa.index_cpu_to_gpu(_gpu_resources(fa, self.gpu_id), self.gpu_id, index)
-        if kind == "ivf":
-            self._set_nprobe(index, nlist)
-        ix = _Index(kind, index, self.gpu, int(meta.get("built_rows", ntotal)), nlist)
+            if kind == "ivf":
+                self._set_nprobe(index, nlist)
+        ix = _Index(kind, index, self.gpu, built_rows, nlist)
         ix.reserve(ntotal)
-        ids = self.store._ids[: n].cpu().numpy()
+        ids = self.store._ids[:n].cpu().numpy()
         ix.slot_id[live_slots] = ids[pos]
         ix.slot_live[live_slots] = True
         ix.ntotal = ntotal
         ix.ndead = ntotal - int(live_slots.size)
-        self._row_slot[pos] = live_slots
-        return ix
+        return ix, pos, live_slots
+
+    def _blob_limit(self, kind: str, ntotal: int, nlist: int) -> int:
+        """Most bytes an index of ``kind`` over ``ntotal`` slots may take (a few times the expected size)."""
+        d = self.dim
+        per = 4 * d
+        extra = 0
+        if kind == "hnsw":  # levels, offsets, ~2m + 2 neighbours
+            per += 12 + 4 * (2 * max(self.store.config.m, 32) + 2)
+        elif kind == "ivf":  # ids; the centroids
+            per += 8
+            extra = max(nlist, 1) * (4 * d + 16)
+        return (1 << 20) + 4 * (ntotal * per + extra)
+
+    def _verify_vectors(self, parsed: _ParsedIndex, slot_pos: np.ndarray, live_slots: np.ndarray) -> None:
+        """Compare the stored vectors of live slots with their rows (and check IVF list assignments)."""
+        d = self.dim
+        half = self.store.dtype in (torch.float16, torch.bfloat16)
+        # NOTE: a cosine index holds rows scaled by the norm computed at insertion (of the float32 input);
+        # the loaded store recomputes it from the stored (for half dtypes rounded) values
+        rel = 1e-2 if half and self.metric == "cosine" else 1e-5
+
+        def compare(slots: np.ndarray, got: np.ndarray) -> None:
+            want = self._prepared(slot_pos[slots])
+            err = np.abs(got - want).max(axis=1)
+            bad = ~(err <= rel * np.abs(want).max(axis=1) + 1e-12)  # NaN is bad
+            if bad.any():
+                raise ValueError(f"stored vector of slot {int(slots[bad][0])} differs from its row "
+                                 f"({int(bad.sum())} of {slots.size} checked)")
+
+        nl = parsed.centroids.shape[0] if parsed.centroids is not None else 0
+        lists = nl > 0
+        if parsed.ntotal * d <= _VERIFY_ALL_FLOATS:
+            all_lists = lists and parsed.ntotal * nl * d <= 1 << 26
+            for slots, vec in parsed.chunks(8192):
+                if not np.isfinite(vec).all():
+                    raise ValueError("non-finite values among the stored vectors")
+                keep = slot_pos[slots] >= 0
+                if keep.any():
+                    got = np.asarray(vec[keep], dtype=np.float32)
+                    compare(slots[keep], got)
+                    if all_lists:
+                        self._verify_lists(parsed, slots[keep], got)
+            if all_lists or not lists:
+                return
+            sample = _sample(live_slots, _VERIFY_SAMPLE)
+            got = parsed.slot_vectors(sample)
+        else:
+            sample = _sample(live_slots, _VERIFY_SAMPLE)
+            got = parsed.slot_vectors(sample)
+            compare(sample, got)
+        if lists:
+            keep = np.isin(sample, _sample(sample, _PROBE_SAMPLE))
+            self._verify_lists(parsed, sample[keep], got[keep])
+
+    def _verify_lists(self, parsed: _ParsedIndex, slots: np.ndarray, x32: np.ndarray) -> None:
+        """IVF: each of ``slots`` (vectors ``x32``) sits in the list of its nearest centroid (up to rounding)."""
+        cent, list_of = parsed.centroids, parsed.list_of
+        assert cent is not None and list_of is not None
+        c = cent.astype(np.float64)
+        if not np.isfinite(c).all():
+            raise ValueError("non-finite IVF centroids")
+        cn = np.einsum("ij,ij->i", c, c)
+        step = max(1, (1 << 22) // max(c.shape[0] * max(c.shape[1], 1), 1))
+        for a in range(0, slots.shape[0], step):
+            x = x32[a : a + step].astype(np.float64)
+            xn = np.einsum("ij,ij->i", x, x)
+            s = x @ c.T  # [m, nlist]
+            if self.metric == "euclidean":
+                s = (xn[:, None] + cn[None, :]) - 2.0 * s
+                s = -s  # larger is better below
+            own = s[np.arange(x.shape[0]), list_of[slots[a : a + step]]]
+            tol = 1e-4 * (xn + float(cn.max(initial=0.0))) + 1e-12
+            bad = own < s.max(axis=1) - tol
+            if bad.any():
+                raise ValueError(f"IVF slot {int(slots[a:a + step][bad][0])} is not in the list of its nearest "
+                                 f"centroid ({int(bad.sum())} of {x.shape[0]} checked)")
+
+    def _check_structure(self, index: Any, kind: str, ntotal: int) -> None:
+        """What faiss read is what was walked: type, sizes, metric, training, graph / list sizes."""
+        fa = self._fa()
+        want = {"hnsw": fa.IndexHNSWFlat, "ivf": fa.IndexIVFFlat, "flat": fa.IndexFlat}[kind]
+        if not isinstance(index, want):
+            raise ValueError(f"index is a {type(index).__name__}, expected {want.__name__}")
+        if (int(index.ntotal) != ntotal or int(index.d) != self.dim or int(index.metric_type) != self._faiss_metric()
+                or not bool(index.is_trained)):
+            raise ValueError(f"index holds {index.ntotal} × {index.d} (metric {index.metric_type}, trained "
+                             f"{index.is_trained}), expected {ntotal} × {self.dim}")
+        if kind == "hnsw":
+            h = index.hnsw
+            if (int(h.levels.size()) != ntotal or int(h.offsets.size()) != ntotal + 1
+                    or int(index.storage.ntotal) != ntotal or int(index.storage.d) != self.dim):
+                raise ValueError("HNSW graph or storage sizes differ from the index size")
+        elif kind == "ivf":
+            inv = index.invlists
+            if (inv is None or int(inv.nlist) != int(index.nlist) or int(inv.code_size) != 4 * self.dim
+                    or int(index.quantizer.ntotal) != int(index.nlist)
+                    or sum(int(inv.list_size(i)) for i in range(int(index.nlist))) != ntotal):
+                raise ValueError("IVF lists or quantizer sizes differ from the index size")
+
+    def _probe_ef(self) -> int:
+        return min(max(self.store.config.ef_search, 64), 4096)
+
+    def _probe_search(self, index: Any, kind: str, live: np.ndarray, q: np.ndarray, ef: int,
+                      nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-1 of queries ``q`` ``[m, D]`` over the ``live`` slots of a CPU index: (scores ``[m]``, slots ``[m]``)."""
+        fa = self._fa()
+        bits = None
+        if kind == "hnsw":
+            p = fa.SearchParametersHNSW()
+            p.efSearch = ef
+        elif kind == "ivf":
+            p = fa.SearchParametersIVF()
+            p.nprobe = nprobe
+        else:
+            p = fa.SearchParameters()
+        if not live.all():
+            bits = np.packbits(live, bitorder="little")
+            sel = fa.IDSelectorBitmap(bits.shape[0], fa.swig_ptr(bits))
+            p.sel = sel
+        D, I = index.search(np.ascontiguousarray(q, dtype=np.float32), 1, params=p)  # noqa: E741 - faiss names
+        del bits
+        return D[:, 0].astype(np.float64), I[:, 0].astype(np.int64)
+
+    def _probe_check(self, index: Any, kind: str, parsed: _ParsedIndex, live: np.ndarray,
+                     live_slots: np.ndarray, meta: dict[str, Any]) -> None:
+        """Search live slots' stored vectors; each must find itself (or an equally good slot) at rank 1.
+
+        HNSW: a slot whose search gives what the save recorded passes too (an intact graph may miss a few
+        rows; the record makes the check exact); without a record half the probes must find themselves.
+        """
+        if live_slots.size == 0:
+            return
+        ntotal = parsed.ntotal
+        slots, labels, ef = None, None, self._probe_ef()
+        rec = meta.get("probe") if kind == "hnsw" else None
+        if isinstance(rec, dict):
+            try:
+                rs = np.asarray(rec["slots"], dtype=np.int64)
+                rl = np.asarray(rec["labels"], dtype=np.int64)
+                ref = rec["ef"]
+                if (rs.ndim == 1 and rl.shape == rs.shape and 0 < rs.size <= _PROBE_ALL
+                        and isinstance(ref, int) and 1 <= ref <= 4096
+                        and int(rs.min()) >= 0 and int(rs.max()) < ntotal and live[rs].all()
+                        and np.unique(rs).size == rs.size):
+                    slots, labels, ef = rs, rl, ref
+            except (KeyError, TypeError, ValueError, OverflowError):
+                pass
+        if slots is None:
+            slots = _probe_slots(live_slots)
+        if kind == "flat":  # brute force: each query costs a pass over the index
+            slots = _sample(slots, max(1, (1 << 25) // max(ntotal * self.dim, 1)))
+        # IVF: the vectors checked sit in the list of their nearest centroid (_verify_lists), which a search
+        # probing a few lists scans (an intact index only needs more than one at near-ties of centroids)
+        nprobe = min(int(index.nlist), 4) if kind == "ivf" else 0
+        q = parsed.slot_vectors(slots)
+        score, got = self._probe_search(index, kind, live, q, ef, nprobe)
+        valid = (got >= 0) & (got < ntotal)
+        valid[valid] &= live[got[valid]]
+        x = parsed.slot_vectors(np.where(valid, got, slots)).astype(np.float64)
+        q64 = q.astype(np.float64)
+        qn = np.einsum("ij,ij->i", q64, q64)
+        xn = np.einsum("ij,ij->i", x, x)
+        ip = np.einsum("ij,ij->i", q64, x)
+        scale = qn + xn
+        if self.metric == "euclidean":
+            true = qn + xn - 2.0 * ip
+            good = true <= 1e-5 * scale + 1e-12  # d(q, x) ~ 0 = d(q, q)
+        else:
+            true = ip
+            good = true >= qn - 1e-5 * scale - 1e-12  # q·x ≥ q·q
+        consistent = np.abs(score - true) <= 1e-3 * scale + 1e-6  # faiss read the vectors we walked
+        hit = valid & consistent & ((got == slots) | good)
+        if labels is not None:
+            hit |= valid & consistent & (got == labels)
+        need = slots.size if kind != "hnsw" or labels is not None else (slots.size + 1) // 2
+        if int(hit.sum()) < need:
+            raise ValueError(f"{slots.size - int(hit.sum())} of {slots.size} stored rows searched in the index "
+                             f"do not find themselves")
 
     def stats(self) -> dict[str, Any]:
         ix = self._ix
