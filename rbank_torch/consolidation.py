@@ -102,6 +102,15 @@ class ConsolidationConfig:
         return cfg
 
 
+def _store_columns(
+    store: PatternStore, rows: torch.Tensor, now_us: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The importance inputs of ``rows`` (caller holds the store lock), on the CPU:
+    ``(ids, usage, success, avg_quality, age_secs)``, each ``[N]``."""
+    age = ((now_us - store._last[rows].cpu()).double() / 1e6).clamp(min=0.0)
+    return store._ids[rows].cpu(), store._usage[rows].cpu(), store._success[rows].cpu(), store._avgq[rows].cpu(), age
+
+
 def _as_id(value: Any, field: str) -> int:
     """A pattern id as int; ``ValueError`` naming ``field`` for anything that is not an integer."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -579,13 +588,8 @@ class PatternConsolidator:
         now_us = dt_to_us(now if now is not None else utcnow())
         with store._lock:
             store._flush()
-            rows = store._live_rows_by_id()
-            ids = store._ids[rows].cpu()
-            usage = store._usage[rows].cpu()
-            success = store._success[rows].cpu()
-            quality = store._avgq[rows].cpu()
-            age = ((now_us - store._last[rows].cpu()).double() / 1e6).clamp(min=0.0)
-        return ids, self._scores(ids, usage, success, quality, age)
+            cols = _store_columns(store, store._live_rows_by_id(), now_us)
+        return cols[0], self._scores(*cols)
 
     def _scores(self, ids: Sequence[int] | torch.Tensor, usage, success, quality, age_secs) -> torch.Tensor:
         fm, has = self.fisher_means(ids)
@@ -711,13 +715,10 @@ class PatternConsolidator:
         with store._mutating():
             store._flush()
             rows = store._live_rows_by_id()
-            ids = store._ids[rows].cpu()
-            now_us = dt_to_us(utcnow())
-            usage = store._usage[rows].cpu()
-            age = ((now_us - store._last[rows].cpu()).double() / 1e6).clamp(min=0.0)
-            scores, pruned, lam = self._decide(ids, usage, store._success[rows].cpu(), store._avgq[rows].cpu(), age)
+            cols = _store_columns(store, rows, dt_to_us(utcnow()))
+            scores, pruned, lam = self._decide(*cols)
             leader = store._leaders(float(self.config.merge_similarity_threshold), True, ~pruned, rows=rows)[1]
-            return self._apply_store(store, rows, ids, usage, scores, pruned, leader, lam, t0)
+            return self._apply_store(store, rows, cols[0], cols[1], scores, pruned, leader, lam, t0)
 
     def _consolidate_store_distributed(self, store: PatternStore, group: Any) -> ConsolidationResult:
         from . import distributed as D
@@ -727,14 +728,13 @@ class PatternConsolidator:
         with store._mutating():
             store._flush()
             rows = store._live_rows_by_id()
-            ids = store._ids[rows].cpu()
-            D._check_same(w, "consolidation inputs", n=int(ids.numel()), ids=D._fingerprint(ids.tolist()),
-                          dim=int(store._emb.shape[1]))
             now_us = int(D._broadcast_tensor(w, torch.tensor([dt_to_us(utcnow())]), (1,), torch.int64, 0,
                                              "consolidation clock")[0])
-            usage = store._usage[rows].cpu()
-            age = ((now_us - store._last[rows].cpu()).double() / 1e6).clamp(min=0.0)
-            scores, pruned, lam = self._decide(ids, usage, store._success[rows].cpu(), store._avgq[rows].cpu(), age)
+            cols = _store_columns(store, rows, now_us)
+            ids, usage = cols[0], cols[1]
+            D._check_same(w, "consolidation inputs", n=int(ids.numel()), ids=D._fingerprint(ids.tolist()),
+                          dim=int(store._emb.shape[1]))
+            scores, pruned, lam = self._decide(*cols)
             pruned = D._broadcast_tensor(w, pruned, (int(ids.numel()),), torch.bool, 0, "consolidation pruning")
             leader = D.leaders_distributed(
                 store._emb[rows], float(self.config.merge_similarity_threshold),

@@ -71,7 +71,7 @@ from .distillation import (
     MemoryDistiller,
     compressed_meta,
 )
-from .kernels.kmeans import KMeansResult, kmeans_plusplus
+from .kernels.kmeans import KMeansResult, _normalize_rows, kmeans_plusplus
 from .kernels.pairs import (
     PRECISIONS,
     ZERO_NORM,
@@ -1756,11 +1756,6 @@ def _kmeans_assign(
             best[f] = (diff * diff).sum(dim=2).argmin(dim=1)
         out[r0:r1] = best
     return out
-
-
-def _normalize_rows(x: torch.Tensor) -> torch.Tensor:
-    nr = x.norm(dim=1, keepdim=True)
-    return torch.where(nr > 0, x / nr.clamp(min=torch.finfo(x.dtype).tiny), torch.zeros_like(x))
 
 
 def kmeans_distributed(

@@ -79,14 +79,14 @@ USAGES = ("penalty", "grad")
 
 
 def _shutdown() -> None:
-    """Leave the group only once every rank is done with it: a rank that tears down its gloo
-    connections while its peer still uses them aborts the peer ("terminate called without an
-    active exception")."""
+    """Drop DDP reducers / FSDP state that still hold the group, then leave it together with the peer
+    (:func:`rbank_torch.distributed.leave_group`: closing barrier, then destroy)."""
     import gc
 
-    gc.collect()  # drop DDP reducers / FSDP state that still hold the group
-    dist.barrier()
-    dist.destroy_process_group()
+    from rbank_torch.distributed import leave_group
+
+    gc.collect()
+    leave_group()
 
 
 def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
