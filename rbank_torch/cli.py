@@ -1197,12 +1197,41 @@ def _read_opts() -> argparse.ArgumentParser:
     return r
 
 
+def _bank_option(p: argparse.ArgumentParser, help: str, *, legacy: bool = True) -> None:
+    """``--bank BANK`` (``-b``), the one spelling of the bank on every subcommand that takes one.
+
+    ``legacy`` also accepts the bank as the first positional argument, as releases before 0.2 did for
+    search, stats, consolidate, prune and report; :func:`_resolve_bank` turns it into ``args.bank``
+    and says on stderr that the form is deprecated.
+    """
+    p.add_argument("-b", "--bank", metavar="BANK", help=help + " (required)")
+    if legacy:
+        p.add_argument("legacy_bank", nargs="?", metavar="BANK", help=argparse.SUPPRESS)
+
+
+def _resolve_bank(args: argparse.Namespace) -> None:
+    """Settle ``args.bank`` from ``--bank`` or the deprecated positional form; raise UsageError if unclear."""
+    if not hasattr(args, "bank"):
+        return
+    legacy = getattr(args, "legacy_bank", None)  # `rbank search BANK QUERY`: argparse fills it only then
+    if legacy is not None and args.bank is not None:
+        raise UsageError(f"the bank is given twice ({legacy!r} and --bank {args.bank!r}); use --bank BANK")
+    if legacy is not None:
+        args.bank = legacy
+        if not getattr(args, "quiet", False):
+            print(f"rbank {args.command}: note: the bank as a positional argument is deprecated; "
+                  f"use --bank {legacy}", file=sys.stderr)
+    if args.bank is None:
+        raise UsageError("the bank is required: --bank BANK")
+
+
 _FORMAT_HELP = "Log format: see docs/trajectory-format.md (JSONL, one trajectory per line; Parquet with pyarrow)."
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``rbank`` argument parser."""
     from . import __version__
+    from .store import PatternStoreConfig
 
     ap = argparse.ArgumentParser(
         prog="rbank",
@@ -1227,14 +1256,16 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: rbank ingest examples/sample_log.jsonl --bank bank.safetensors",
     )
     p.add_argument("logs", nargs="+", metavar="LOG", help="trajectory log files (.jsonl, .jsonl.gz, .parquet)")
-    p.add_argument("--bank", required=True, metavar="BANK", help="bank file (safetensors); created if missing")
+    _bank_option(p, "bank file (safetensors); created if missing", legacy=False)
     g = p.add_argument_group("new banks")
     g.add_argument("--max-trajectories", type=int, default=100_000, metavar="N",
                    help="kept trajectories past which the bank distils them automatically (default: 100000)")
     g.add_argument("--max-patterns", type=int, default=100_000, metavar="N",
                    help="pattern capacity of the store (default: 100000)")
-    g.add_argument("--backend", default="exact", choices=["exact", "auto", "faiss-hnsw", "faiss-ivf", "faiss-flat"],
-                   help="search backend recorded in the bank (default: exact)")
+    g.add_argument("--backend", default=PatternStoreConfig.backend,
+                   choices=["exact", "auto", "faiss-hnsw", "faiss-ivf", "faiss-flat"],
+                   help=f"search backend recorded in the bank (default: {PatternStoreConfig.backend}, the "
+                        "library's default)")
     p.set_defaults(func=_cmd_ingest)
 
     p = sub.add_parser(
@@ -1242,9 +1273,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the patterns most similar to a text query",
         description="Embed the query text with the model the bank was built with (recorded in BANK.json) and "
         "print the k most similar patterns: similarity, category, quality, usage, example steps and lessons.",
-        epilog='example: rbank search bank.safetensors "my unit tests fail after a refactor" -k 5',
+        epilog='example: rbank search --bank bank.safetensors "my unit tests fail after a refactor" -k 5',
     )
-    p.add_argument("bank", metavar="BANK", help="bank file")
+    _bank_option(p, "bank file")
     p.add_argument("query", metavar="QUERY", help="query text")
     p.add_argument("-k", type=int, default=5, help="number of patterns (default: 5)")
     p.add_argument("--model", metavar="NAME", help="text model (default: the one recorded for the bank)")
@@ -1260,7 +1291,7 @@ def build_parser() -> argparse.ArgumentParser:
         "patterns, pruning of low-importance low-quality ones), save the bank and record the before/after "
         "figures in BANK.json for 'rbank report'.",
     )
-    p.add_argument("bank", metavar="BANK", help="bank file")
+    _bank_option(p, "bank file")
     p.set_defaults(func=_cmd_consolidate)
 
     p = sub.add_parser(
@@ -1269,7 +1300,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Remove the patterns whose average quality is below --min-quality and whose usage is "
         "below the store's prune_threshold (2 by default), then save the bank.",
     )
-    p.add_argument("bank", metavar="BANK", help="bank file")
+    _bank_option(p, "bank file")
     p.add_argument("--min-quality", type=float, required=True, metavar="Q", help="quality threshold in [0, 1]")
     p.set_defaults(func=_cmd_prune)
 
@@ -1305,7 +1336,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the bank's trajectory counters, its patterns per category, average confidence, "
         "quality and usage, and its last consolidation and distillation.",
     )
-    p.add_argument("bank", metavar="BANK", help="bank file")
+    _bank_option(p, "bank file")
     p.set_defaults(func=_cmd_stats)
 
     p = sub.add_parser(
@@ -1315,9 +1346,9 @@ def build_parser() -> argparse.ArgumentParser:
         "2-D PCA map of the pattern embeddings with the top patterns and edges to their nearest neighbours, "
         "tables of the top patterns and lessons, and a consolidation before/after section when "
         "'rbank consolidate' ran. The HTML embeds the PNGs (base64): open it without a server.",
-        epilog="example: rbank report bank.safetensors --out report.html --png-dir figures/",
+        epilog="example: rbank report --bank bank.safetensors --out report.html --png-dir figures/",
     )
-    p.add_argument("bank", metavar="BANK", help="bank file")
+    _bank_option(p, "bank file")
     p.add_argument("--out", metavar="HTML", help="HTML file to write (default: report.html unless --png-dir)")
     p.add_argument("--png-dir", metavar="DIR", help="also (or only) write the figures as PNG files here")
     p.add_argument("--top", type=int, default=15, metavar="N", help="top patterns highlighted and listed (default: 15)")
@@ -1367,6 +1398,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
     try:
+        _resolve_bank(args)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("rbank: interrupted", file=sys.stderr)

