@@ -56,6 +56,10 @@ _EXPORTS = {
     "DistillationResult": "distillation",
     "TrajectorySummary": "distillation",
     "MemoryDistiller": "distillation",
+    "DistillationError": "distillation",
+    # logs and distributed runs
+    "LogFormatError": "logs",
+    "DistributedError": "distributed",
     # bank
     "ReasoningBankConfig": "bank",
     "ReasoningBankStats": "bank",
@@ -82,13 +86,16 @@ if TYPE_CHECKING:  # static type checkers see the real names
     from .distillation import (
         CompressedTrajectory,
         DistillationConfig,
+        DistillationError,
         DistillationResult,
         KeyLesson,
         MemoryDistiller,
         TrajectorySummary,
     )
+    from .distributed import DistributedError
     from .ewc import EWCPlusPlus
     from .journal import JournalError, JournalTailWarning
+    from .logs import LogFormatError
     from .patterns import Pattern, PatternCategory, PatternMetadata, PatternSearchResult
     from .snapshot import SnapshotError
     from .store import LowConfidenceError, PatternStats, PatternStore, PatternStoreConfig
