@@ -6,10 +6,29 @@ distillation of key lessons, all on PyTorch tensors (CPU or CUDA).
 
 from __future__ import annotations
 
+import os as _os
 from importlib import import_module
+from importlib.util import find_spec as _find_spec
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+
+def _find_checkout_kernels() -> None:
+    """Let ``rbank_torch.kernels`` be found in a source checkout that no installation maps.
+
+    Installed, ``kernels/`` is ``rbank_torch/kernels`` (the wheel) or mapped there (an editable install).
+    Python started from a checkout's root with a *regular* install, or with no install at all, imports
+    this folder instead of the installed copy, and ``kernels/`` then sits beside it, not inside it.
+    """
+    if _find_spec(__name__ + ".kernels") is not None:
+        return
+    root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    if _os.path.isfile(_os.path.join(root, "kernels", "__init__.py")):
+        __path__.append(root)
+
+
+_find_checkout_kernels()
 
 # name -> module: resolved lazily so `import rbank_torch` stays light (no heavy optional imports)
 _EXPORTS = {

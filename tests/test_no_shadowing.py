@@ -74,3 +74,23 @@ def test_rbank_torch_kernels_is_the_checkout_folder():
 
     assert ours.__name__ == "rbank_torch.kernels" and callable(ours.pairs_above)
     assert "kernels" not in sys.modules or sys.modules["kernels"] is not ours
+
+
+def test_a_checkout_without_an_installed_mapping_still_has_rbank_torch_kernels(tmp_path):
+    # what a regular (non-editable) install sees when Python starts at the checkout's root: the
+    # checkout's rbank_torch/ comes first on sys.path and no editable finder maps kernels/ into it
+    code = (
+        "import sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path\n"
+        "                   if 'editable' not in (getattr(f, '__name__', '') + type(f).__name__).lower()]\n"
+        "assert len(sys.meta_path) >= 3\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import rbank_torch, rbank_torch.kernels as k, os\n"
+        f"assert os.path.dirname(rbank_torch.__file__) == os.path.join({str(ROOT)!r}, 'rbank_torch')\n"
+        f"assert os.path.dirname(k.__file__) == os.path.join({str(ROOT)!r}, 'kernels'), k.__file__\n"
+        "assert k.__name__ == 'rbank_torch.kernels' and callable(k.pairs_above)\n"
+        "from rbank_torch.kernels.kmeans import kmeans\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
