@@ -22,7 +22,7 @@ demo: $(VENV)/.installed-text
 	$(PY) $(PYFLAGS) -m rbank_torch demo
 
 test: $(VENV)/.installed-dev
-	$(PY) $(PYFLAGS) -m pytest -q tests
+	$(PY) $(PYFLAGS) -m pytest -q --durations=15 tests
 
 test-latest:
 	rm -rf $(LATEST_VENV)
