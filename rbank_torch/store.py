@@ -1169,7 +1169,9 @@ class PatternStore:
             if scoring is None and pool > 0 and dedup is None and (mask is None or 4 * matching > live):
                 # the index serves unscored searches on wide filters; it over-fetches for the filter
                 kf = pool if mask is None else min(live, math.ceil(pool * live / matching * 1.5) + 16)
-                plan = self._backend.begin_search(qp, qsq, kf)
+                # NOTE: past a quarter of the rows an exact scan costs no more than the index, and is exact
+                if 4 * kf <= live:
+                    plan = self._backend.begin_search(qp, qsq, kf)
             if plan is None:
                 sc, rows = self._candidates(qp, qsq, pool, mask, scoring, matching)
         if plan is not None:
@@ -1205,8 +1207,9 @@ class PatternStore:
             found = rows >= 0
             safe_rows = rows.clamp(min=0)
             ids = torch.where(found, self._ids[safe_rows], torch.full_like(rows, -1))
-            sims = self._similarities(qp, qsq, safe_rows).masked_fill(~found, _NEG_INF)
             sc = sc.masked_fill(~found, _NEG_INF)
+            # by similarity alone the score is the similarity; otherwise it is recomputed for the results
+            sims = sc if scoring is None else self._similarities(qp, qsq, safe_rows).masked_fill(~found, _NEG_INF)
             if sc.shape[1] < k:
                 pad = k - sc.shape[1]
                 sc = torch.cat([sc, torch.full((B, pad), _NEG_INF, device=self.device)], dim=1)
