@@ -1419,6 +1419,9 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+_WRITERS = (_cmd_ingest, _cmd_consolidate, _cmd_prune)
+
+
 def _one_line(e: BaseException) -> str:
     msg = str(e).strip() or type(e).__name__
     if isinstance(e, (OSError,)) and getattr(e, "filename", None) and e.strerror:
@@ -1426,6 +1429,19 @@ def _one_line(e: BaseException) -> str:
     elif isinstance(e, KeyError):
         msg = f"missing key {msg}"
     return " ".join(msg.split())
+
+
+#: seconds a command that changes a bank waits for another one writing the same bank
+_LOCK_TIMEOUT_S = float(os.environ.get("RBANK_LOCK_TIMEOUT", "600"))
+
+
+def _run_locked(args: argparse.Namespace) -> int:
+    """Run a command that changes a bank under the bank's writer lock, held from load to save: a second
+    ``rbank ingest`` (consolidate, prune) on the same bank waits for the first and then loads what it wrote."""
+    from .locking import BankLock
+
+    with BankLock(args.bank, timeout=_LOCK_TIMEOUT_S):
+        return int(args.func(args) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1446,6 +1462,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         _resolve_bank(args)
+        if args.func in _WRITERS:
+            return _run_locked(args)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("rbank: interrupted", file=sys.stderr)
