@@ -489,6 +489,79 @@ class EWCPlusPlus:
         """The anchor ``θ*`` (Fisher-weighted merge over tasks in multi_task mode)."""
         return self._named("theta_star")
 
+    @torch.no_grad()
+    def metric_tensors(self) -> dict[str, torch.Tensor]:
+        """What the callbacks log, as 0-dim float32 tensors on :attr:`device` (no host read).
+
+        ``penalty``: the current ``λ/2·Σ F*(θ − θ*)²`` (one pass over the parameters); ``fisher_mean``:
+        the mean of the within-task Fisher ``F``; ``fisher_star_mean``: the mean of ``F*``; ``lambda``:
+        λ. With DTensor parameters the values are this rank's share (penalty) or local mean.
+        """
+        self._sync_layout()
+        dev = self._primary
+        total = sum(g.fisher.flat.numel() for g in self._groups)
+
+        def mean(attr: str) -> torch.Tensor:
+            s = torch.stack([getattr(g, attr).flat.sum(dtype=torch.float32).to(dev) for g in self._groups]).sum()
+            return s / max(total, 1)
+
+        return {
+            "penalty": self.penalty().detach().to(torch.float32),
+            "fisher_mean": mean("fisher"),
+            "fisher_star_mean": mean("fisher_star"),
+            "lambda": torch.tensor(self._lambda, dtype=torch.float32, device=dev),
+        }
+
+    def metrics(self) -> dict[str, float]:
+        """:meth:`metric_tensors` read back as floats (one host synchronisation), plus ``num_tasks``."""
+        out = {k: float(v) for k, v in self.metric_tensors().items()}
+        out["num_tasks"] = float(self.num_tasks)
+        return out
+
+    def rebound(self, module_or_named_params: nn.Module | Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor]
+                ) -> EWCPlusPlus:
+        """A new :class:`EWCPlusPlus` on other parameters with the same names and shapes, holding this state.
+
+        Used when training moves on to a new module object of the same architecture (a new
+        ``LightningModule``, a model reloaded from disk): the Fisher, ``F*``, ``θ*``, λ and configuration
+        carry over by parameter name.
+
+        Raises:
+            ValueError: when the names or shapes differ (the message lists them).
+        """
+        new = EWCPlusPlus(
+            module_or_named_params, lambda_=self._base_lambda, decay=self.decay, task_decay=self.task_decay,
+            fisher_norm=self.fisher_norm, mode=self.mode, max_tasks=self.max_tasks, adapt_lambda=self.adapt_lambda,
+            min_lambda=self.min_lambda, max_lambda=self.max_lambda, bias_correction=self.bias_correction,
+            fisher_dtype=self.fisher_dtype, detect_boundary=self.detect_boundary,
+            boundary_threshold=self.boundary_threshold, boundary_warmup=self.boundary_warmup,
+            boundary_patience=self.boundary_patience, auto_consolidate=self.auto_consolidate,
+            boundary_check_every=self.boundary_check_every, grad_scaler=self.grad_scaler,
+            sync_sharded=self.sync_sharded,
+        )
+        if new._names != self._names:
+            missing = [n for n in self._names if n not in new._names]
+            extra = [n for n in new._names if n not in self._names]
+            raise ValueError(
+                f"cannot rebind EWC++ state to parameters with other names: missing {missing}, unexpected {extra}"
+            )
+        for name, a, b in zip(self._names, self._params, new._params):
+            if tuple(a.shape) != tuple(b.shape):
+                raise ValueError(
+                    f"cannot rebind EWC++ state: parameter {name!r} has shape {tuple(b.shape)}, "
+                    f"the state was built for {tuple(a.shape)}"
+                )
+        new.load_state_dict(self.state_dict())
+        return new
+
+    def holds(self, module_or_params: nn.Module | Iterable[torch.Tensor]) -> bool:
+        """Whether this object protects exactly these parameter objects (a module: its trainable ones)."""
+        if isinstance(module_or_params, nn.Module):
+            params = [p for p in module_or_params.parameters() if p.requires_grad]
+        else:
+            params = list(module_or_params)
+        return len(params) == len(self._params) and all(a is b for a, b in zip(params, self._params))
+
     # ------------------------------------------------------------------ per step
     def reset_penalty_tracking(self) -> None:
         """Forget what ``penalty()`` / ``add_penalty_grad_()`` contributed to ``.grad`` so far."""
