@@ -504,3 +504,84 @@ def test_openai_client_against_a_loopback_server_end_to_end(no_proxy, tmp_path):
     assert all(b["model"] == "tiny-test-model" and b["messages"][-1]["role"] == "user" for b in bodies)
     assert all(b["temperature"] == 0.0 for b in bodies)
     assert n_requests == 13 <= 40
+
+
+# ------------------------------------------------------------------------------------------ command line
+@pytest.fixture
+def small_log(tmp_path):
+    from datetime import datetime, timedelta, timezone
+
+    from rbank_torch.logs import task_to_record, write_jsonl
+    from rbank_torch.synthetic import generate_tasks
+
+    g = torch.Generator().manual_seed(0)
+    start = datetime(2025, 1, 6, 9, 0, tzinfo=timezone.utc)
+    recs = [task_to_record(spec, i + 1, start + timedelta(minutes=i),
+                           embedding=[round(x, 5) for x in torch.randn(8, generator=g).tolist()])
+            for i, spec in enumerate(generate_tasks(30, seed=3))]
+    p = tmp_path / "runs.jsonl"
+    write_jsonl(recs, p)
+    return p
+
+
+def _cli(capsys, *argv):
+    from rbank_torch.cli import main
+
+    code = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def test_cli_distill_with_openai_judge_and_extractor(no_proxy, tmp_path, small_log, capsys):
+    pytest.importorskip("openai")
+
+    def answer(prompt):
+        task = re.search(r"Task: (.*)", prompt).group(1)
+        if EXTRACT_PROMPT_VERSION in prompt:
+            return 200, json.dumps({"memories": [{"title": "Check first", "description": f"For {task}.",
+                                                  "content": "Verify the inputs before acting."}]})
+        return 200, '{"verdict": "success", "rationale": "every step reached its goal"}'
+
+    out = tmp_path / "out"
+    with _ChatServer(answer, limit=100) as srv:
+        code, stdout, err = _cli(capsys, "distill", small_log, "--out", out, "--min-trajectories", "10",
+                                 "--judge", "openai", "--extractor", "openai", "--base-url", srv.base_url,
+                                 "--model", "tiny-test-model", "--llm-concurrency", "2")
+        assert code == 0, err
+        first = len(srv.requests)
+        # the same command again: every answer comes from the cache in DIR/llm-cache.jsonl
+        code, stdout2, err = _cli(capsys, "distill", small_log, "--out", out, "--min-trajectories", "10",
+                                  "--judge", "openai", "--extractor", "openai", "--base-url", srv.base_url,
+                                  "--llm-model", "tiny-test-model", "--json", "-q")
+        assert code == 0, err
+        assert len(srv.requests) == first == 60
+    assert all(r["body"]["model"] == "tiny-test-model" for r in srv.requests)
+    mems = [json.loads(x) for x in (out / "memories.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(mems) == 30 and {m["verdict"] for m in mems} == {"success"}  # the judge's verdicts
+    assert set(mems[0]) == {"trajectory_id", "outcome", "verdict", "title", "description", "content"}
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert summary["llm"]["memories"] == 30 and summary["files"]["memories"] == "memories.jsonl"
+    assert summary["llm"]["judge_stats"]["cache_hits"] == 30 and summary["llm"]["judge_stats"]["calls"] == 0
+    assert "judge: 30 calls, 0 cached, 0 failed" in stdout and "30 memories ->" in stdout
+    doc = json.loads(stdout2)
+    assert doc["llm"]["extractor_stats"]["cache_hits"] == 30
+    # every run judged a success: no failure lesson survives
+    lessons = [json.loads(x)["content"] for x in (out / "lessons.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert not any(x.startswith("Avoid:") for x in lessons)
+
+
+def test_cli_distill_rule_extractor_needs_no_model(tmp_path, small_log, capsys):
+    out = tmp_path / "out"
+    code, stdout, err = _cli(capsys, "distill", small_log, "--out", out, "--min-trajectories", "10",
+                             "--extractor", "rule", "-q")
+    assert code == 0, err
+    mems = [json.loads(x) for x in (out / "memories.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert mems and all(m["content"] and m["title"] for m in mems)
+    assert not (out / "llm-cache.jsonl").exists()
+
+
+def test_cli_distill_openai_needs_a_base_url(tmp_path, small_log, capsys, monkeypatch):
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    code, _, err = _cli(capsys, "distill", small_log, "--out", tmp_path / "o", "--extractor", "openai",
+                        "--llm-model", "m", "--min-trajectories", "10", "-q")
+    assert code != 0 and "--base-url" in err
