@@ -7,15 +7,34 @@ import json
 import logging
 import os
 import uuid as _uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ._util import as_embedding, bump_id_counter, check_unit, dt_to_us, us_to_dt, utcnow
+from ._util import (
+    as_embedding,
+    as_embedding_batch,
+    bump_id_counter,
+    check_unit,
+    dt_to_us,
+    next_id,
+    us_to_dt,
+    utcnow,
+)
+from .categories import text_category
 from .consolidation import ConsolidationConfig
-from .patterns import Pattern, PatternCategory, PatternSearchResult
+from .patterns import (
+    OUTCOMES,
+    Pattern,
+    PatternCategory,
+    PatternMetadata,
+    PatternSearchResult,
+    check_attributes,
+)
+from .retrieval import FilterSpec, RetrievalScoring
 from .store import LowConfidenceError, PatternStats, PatternStore, PatternStoreConfig
 from .trajectory import (
     StepMetadata,
@@ -31,7 +50,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from .consolidation import ConsolidationResult
     from .distillation import DistillationConfig, DistillationResult
 
-__all__ = ["ReasoningBankConfig", "ReasoningBankStats", "ReasoningBank"]
+__all__ = ["ReasoningBankConfig", "ReasoningBankStats", "ReasoningBank", "RetrievalScoring", "format_memories",
+           "Embedder"]
+
+#: what ``ReasoningBank(embedder=…)`` takes: an object with ``encode(list[str]) -> [B, D]`` (a
+#: :class:`~rbank_torch.text.TextEmbedder`, a ``SentenceTransformer``) or a callable doing the same
+Embedder = Any
 
 log = logging.getLogger("rbank_torch")
 
@@ -71,6 +95,9 @@ class ReasoningBankConfig:
     distillation_config: DistillationConfig = field(default_factory=_default_distillation_config)
     #: device of the pattern columns ("cpu", "cuda", …)
     device: str = "cpu"
+    #: a trajectory below ``min_quality_threshold`` becomes an ``outcome="failure"`` pattern carrying its
+    #: analysis's lessons (SPEC §7); False: it becomes no pattern (SPEC §6, the reference's behaviour)
+    keep_failures: bool = True
 
     def __post_init__(self) -> None:
         # SPEC §6: the bank's embedding_dim governs; it is written into pattern_config.embedding_dim
@@ -92,6 +119,8 @@ class ReasoningBankConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         check_unit(self.min_quality_threshold, "min_quality_threshold")
+        if not isinstance(self.keep_failures, bool):
+            raise ValueError(f"keep_failures must be a bool, got {self.keep_failures!r}")
         self.pattern_config.embedding_dim = self.embedding_dim
         if self.consolidation_interval_secs < 0:
             raise ValueError("consolidation_interval_secs must be >= 0")
@@ -157,11 +186,16 @@ class ReasoningBank:
     def __init__(
         self,
         config: ReasoningBankConfig | None = None,
+        embedder: Embedder = None,
         journal: bool | str | os.PathLike | None = None,
         fsync: str = "always",
     ) -> None:
         """Args:
         config: the bank's configuration (defaults when omitted).
+        embedder: what turns text into embeddings (SPEC §7): an object with ``encode(list[str]) -> [B, D]``
+            or a callable doing the same. None: the packaged all-MiniLM-L6-v2 when ``rbank-torch[text]`` is
+            installed, loaded at the first text call. When its dimension differs from ``embedding_dim``, an
+            empty bank adopts it; a bank holding patterns raises ``ValueError``.
         journal: ``True`` (``<storage_path>/bank.journal``) or a path: record every acknowledged mutation in
             a write-ahead journal (see :mod:`rbank_torch.journal`). Records already in that journal are
             replayed first, so a bank that was never saved is recovered after a crash.
@@ -169,6 +203,7 @@ class ReasoningBank:
         """
         cfg = config if config is not None else ReasoningBankConfig()
         cfg.validate()
+        _warn_overridden(cfg)
         self._config = cfg
         self._store = PatternStore(cfg.resolved_pattern_config())
         self._analyzer = VerdictAnalyzer()
@@ -184,8 +219,73 @@ class ReasoningBank:
         self._pending_ids: set[int] = set()
         self._pending_traj: list[tuple[str, list[Trajectory]]] = []
         self._pending_cons = False  # the consolidator's state (λ, Fisher table, counters) changed
+        self._embedder = _as_encoder(embedder)
+        self._default_embedder: Any = None
+        if embedder is not None:
+            d = _known_dim(embedder)
+            if d is not None and d != cfg.embedding_dim:
+                self._adopt_dim(d)
         if journal:
             self._attach_journal(journal, fsync, after_seq=0)
+
+    # ------------------------------------------------------------------ text
+    def _encode(self, texts: list[str]) -> torch.Tensor:
+        """Embeddings ``[B, D]`` float32 of ``texts`` by the bank's embedder, checked against the bank's
+        dimension (an empty bank adopts the embedder's)."""
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise ValueError(f"texts[{i}] must be a string, got {type(t).__name__}")
+        enc = self._embedder
+        if enc is None:
+            if self._default_embedder is None:
+                self._default_embedder = _default_encoder()
+            enc = self._default_embedder
+        out = enc(texts)
+        try:
+            e = torch.as_tensor(out).detach()
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"the embedder must return a [B, D] tensor or array, got {type(out).__name__}") from err
+        if e.dim() != 2 or e.shape[0] != len(texts):
+            raise ValueError(f"the embedder returned shape {tuple(e.shape)} for {len(texts)} texts: expected "
+                             f"[{len(texts)}, D]")
+        e = e.to("cpu", torch.float32)
+        if not bool(torch.isfinite(e).all()):
+            raise ValueError("the embedder returned non-finite values")
+        d = int(e.shape[1])
+        if d != self._config.embedding_dim:
+            with self._lock:
+                if d != self._config.embedding_dim:
+                    self._adopt_dim(d)
+        return e
+
+    def _adopt_dim(self, d: int) -> None:
+        """An empty bank takes the embedder's dimension; a bank holding anything refuses it."""
+        old = self._config.embedding_dim
+        if len(self._store) or self._trajectories:
+            raise ValueError(f"the embedder gives {d}-dimensional embeddings but the bank holds "
+                             f"{old}-dimensional ones (embedding_dim {old}); use an embedder of dimension {old} "
+                             "or a new bank")
+        log.info("empty bank adopts the embedder's dimension %d (was embedding_dim %d)", d, old)
+        self._config.embedding_dim = d
+        self._config.pattern_config.embedding_dim = d
+        store = PatternStore(self._config.resolved_pattern_config())
+        store._lock = self._lock  # one lock for the bank and its store, as before
+        store._listener = self._store._listener
+        self._store = store
+
+    def _embed_one(self, value: Any, name: str) -> tuple[str | None, torch.Tensor]:
+        """(text, embedding ``[D]``) of a text or an embedding."""
+        if isinstance(value, str):
+            return value, self._encode([value])[0]
+        return None, as_embedding(value, name, dim=self._config.embedding_dim)
+
+    def _embed_many(self, values: Any, name: str) -> torch.Tensor:
+        """Embeddings ``[B, D]`` of texts (a list of str) or of a ``[B, D]`` tensor / list of vectors."""
+        if isinstance(values, str):
+            return self._encode([values])
+        if isinstance(values, (list, tuple)) and values and all(isinstance(v, str) for v in values):
+            return self._encode(list(values))
+        return as_embedding_batch(values, name, dim=self._config.embedding_dim)
 
     # ------------------------------------------------------------------ journal
     def _attach_journal(self, journal: bool | str | os.PathLike, fsync: str, after_seq: int) -> None:
@@ -266,7 +366,7 @@ class ReasoningBank:
         self._pending_cons = False
         self._journal.append(meta, tensors)
 
-    def _replay(self, journal: Any, after_seq: int) -> int:
+    def _replay(self, journal: Any, after_seq: int) -> int:  # noqa: C901 - one loop over record kinds
         """Apply the journal's records after ``after_seq``; returns how many were applied."""
         from .journal import JournalError
 
@@ -284,6 +384,9 @@ class ReasoningBank:
                         self._trajectories = ts
                 puts = _patterns_from_tensors(tensors, meta["patterns"], "p/")
                 if puts:
+                    d = int(puts[0].embedding.numel())
+                    if d != self._config.embedding_dim and not len(self._store) and not self._trajectories:
+                        self._adopt_dim(d)  # the bank had adopted its embedder's dimension
                     self._store._raw_put(puts)
                 dels = meta["del"]
                 if not isinstance(dels, list) or not all(type(i) is int for i in dels):
@@ -342,10 +445,14 @@ class ReasoningBank:
         return self._consolidator
 
     # ------------------------------------------------------------------ trajectories
-    def start_trajectory(self, query_embedding: Any) -> TrajectoryRecorder:
-        """A recorder for a new trajectory; the embedding must have the bank's dimension."""
-        emb = as_embedding(query_embedding, "query_embedding", dim=self._config.embedding_dim)
-        return TrajectoryRecorder(emb)
+    def start_trajectory(self, query: Any) -> TrajectoryRecorder:
+        """A recorder for a new trajectory. ``query``: its text (embedded by the bank's embedder and kept as
+        the query text, ``metadata.attributes["query"]``) or its embedding ``[D]`` of the bank's dimension."""
+        text, emb = self._embed_one(query, "query_embedding")
+        rec = TrajectoryRecorder(emb)
+        if text is not None:
+            rec.trajectory.metadata.attributes["query"] = text
+        return rec
 
     def _validate_trajectory(self, t: Trajectory) -> None:
         """Check every field a snapshot or the journal will hold, before anything changes.
@@ -378,9 +485,13 @@ class ReasoningBank:
             raise ValueError(f"trajectory {t.id} cannot be stored: {msg}") from None
         t.query_embedding = q
 
-    def store_trajectory(self, trajectory: Trajectory) -> None:
+    def store_trajectory(self, trajectory: Trajectory) -> int | None:
         """Record a completed trajectory: stats, keep it, distil past ``max_trajectories``, and store its
-        pattern when its quality reaches ``min_quality_threshold``.
+        pattern when its quality reaches ``min_quality_threshold`` — or, below it with ``keep_failures``
+        (default), an ``outcome="failure"`` pattern carrying the analysis's lessons (SPEC §7).
+
+        Returns:
+            the id of the pattern it stored, or None (none stored).
 
         Raises:
             ValueError: a wrong embedding dimension, non-finite values or an out-of-range quality; the bank
@@ -388,7 +499,12 @@ class ReasoningBank:
         """
         t = trajectory
         self._validate_trajectory(t)
-        pattern = Pattern.from_trajectory(t) if t.quality >= self._config.min_quality_threshold else None
+        pattern = None
+        if t.quality >= self._config.min_quality_threshold:
+            pattern = Pattern.from_trajectory(t)
+        elif self._config.keep_failures:
+            pattern = self._failure_pattern(t)
+        stored: int | None = None
         with self._op("store_trajectory"):
             s = self._stats
             s.total_trajectories += 1
@@ -409,9 +525,195 @@ class ReasoningBank:
                     log.warning("automatic distillation failed (%s); trajectories kept, retrying later", e)
             if pattern is not None:
                 try:
-                    self._store.store_pattern(pattern)
+                    stored = self._store.store_pattern(pattern)
                 except LowConfidenceError:
                     pass  # below the store's own min_confidence: the trajectory is kept, no pattern
+        return stored
+
+    def _failure_pattern(self, t: Trajectory) -> Pattern:
+        """A below-threshold trajectory as a preventive memory: outcome "failure", confidence
+        max(quality, min_confidence), lessons = the analysis's lessons plus the root cause."""
+        analysis = self._analyzer.analyze(t)
+        lessons = list(analysis.lessons)
+        if analysis.root_cause is not None:
+            cause = f"Root cause: {analysis.root_cause}"
+            if cause not in lessons:
+                lessons.append(cause)
+        conf = max(float(t.quality), float(self._store.config.min_confidence))
+        return Pattern.from_trajectory(t, outcome="failure", lessons=lessons, confidence=min(conf, 1.0))
+
+    # ------------------------------------------------------------------ agent memory (SPEC §7)
+    def add(
+        self,
+        text_or_embedding: Any,
+        *,
+        lessons: Sequence[str] = (),
+        category: PatternCategory | str | None = None,
+        outcome: str = "success",
+        quality: float = 1.0,
+        metadata: dict[str, Any] | None = None,
+        tags: Sequence[str] = (),
+    ) -> int:
+        """Store one memory as a pattern and return its id.
+
+        Args:
+            text_or_embedding: the memory's text (embedded by the bank's embedder and kept as ``text``) or
+                its embedding ``[D]``.
+            lessons: what to remember (strings).
+            category: inferred from ``metadata["request_type"]``, the text and the tags when None.
+            outcome: ``"success"`` or ``"failure"``.
+            quality: in [0, 1]: the pattern's avg_quality; its confidence is max(quality, min_confidence).
+            metadata: attributes (str → str/int/float/bool: user_id, session_id, agent, …) for filters.
+            tags: strings.
+
+        Raises:
+            ValueError: naming the argument; nothing is stored.
+        """
+        if outcome not in OUTCOMES:
+            raise ValueError(f"outcome must be one of {list(OUTCOMES)}, got {outcome!r}")
+        q = check_unit(quality, "quality")
+        lessons_l = _strings(lessons, "lessons")
+        tags_l = _strings(tags, "tags")
+        attrs = check_attributes(metadata, "metadata")
+        if category is None:
+            rt = attrs.get("request_type")
+            cat = None
+        else:
+            cat = PatternCategory.parse(category)
+        text, emb = self._embed_one(text_or_embedding, "text_or_embedding")
+        if cat is None:
+            cat = PatternCategory.parse(text_category(text, tags_l, rt if isinstance(rt, str) else None))
+        now = utcnow()
+        p = Pattern(
+            id=next_id(), uuid=str(_uuid.uuid4()), embedding=emb.clone(), category=cat,
+            confidence=max(q, float(self._store.config.min_confidence)), usage_count=1,
+            success_count=1 if outcome == "success" else 0, avg_quality=q, lessons=lessons_l,
+            created_at=now, last_accessed=now,
+            metadata=PatternMetadata(tags=tags_l, source="memory", attributes=attrs), text=text, outcome=outcome,
+        )
+        with self._op("add"):
+            return self._store.store_pattern(p)
+
+    def search(
+        self,
+        query: Any,
+        k: int = 5,
+        *,
+        where: dict[str, Any] | None = None,
+        category: Any = None,
+        outcome: Any = None,
+        tags: Any = None,
+        since: Any = None,
+        until: Any = None,
+        min_quality: float | None = None,
+        scoring: RetrievalScoring | None = None,
+        mmr: float | None = None,
+        dedup: str | None = None,
+        touch: bool = False,
+    ) -> list[PatternSearchResult]:
+        """The memories most relevant to ``query`` (a text or an embedding ``[D]``), best first (SPEC §7).
+
+        Filters are ANDed and applied before top-k: ``where`` (attribute → value, ``{"$in": [...]}`` or
+        ``{"$gte"/"$gt"/"$lte"/"$lt": number}``), ``category`` and ``outcome`` (one value or a list),
+        ``tags`` (all required), ``since``/``until`` (bounds of created_at: aware datetimes or POSIX seconds),
+        ``min_quality`` (bound of avg_quality). Exactly ``min(k, matching live patterns)`` results on every
+        backend. ``scoring`` re-weights similarity with recency, quality and usage; ``mmr=λ`` diversifies;
+        ``dedup="text"`` keeps one result per text; ``touch=True`` sets the results' last_accessed to now.
+
+        Returns:
+            :class:`PatternSearchResult` list: ``pattern``, ``similarity`` (cosine), ``score``, ``rank``.
+        """
+        spec = FilterSpec.parse(where, category, outcome, tags, since, until, min_quality)
+        _, q = self._embed_one(query, "query")
+        with self._lock:
+            sc, sims, ids = self._store.search_memory(q[None, :], k, filters=spec, scoring=scoring, mmr=mmr,
+                                                      dedup=dedup)
+            ids_l = [i for i in ids[0].tolist() if i >= 0]
+            if touch and ids_l:
+                with self._op("touch"):
+                    self._store.touch(ids_l)
+            pats = self._store.get_patterns(ids_l)
+        sc_l, sims_l = sc[0].tolist(), sims[0].tolist()
+        return [PatternSearchResult(p, sims_l[r], r, sc_l[r]) for r, p in enumerate(pats)]
+
+    def search_batch(self, queries: Any, k: int = 5, **options: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batched :meth:`search`: ``queries`` (a list of texts, or embeddings ``[B, D]``), the same keyword
+        options. Returns (scores ``[B, k]``, ids ``[B, k]``); missing slots hold −inf / −1."""
+        known = {"where", "category", "outcome", "tags", "since", "until", "min_quality", "scoring", "mmr",
+                 "dedup", "touch"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown search options {unknown}: expected some of {sorted(known)}")
+        touch = options.pop("touch", False)
+        scoring, mmr, dedup = options.pop("scoring", None), options.pop("mmr", None), options.pop("dedup", None)
+        spec = FilterSpec.parse(**options)
+        q = self._embed_many(queries, "queries")
+        with self._lock:
+            sc, _, ids = self._store.search_memory(q, k, filters=spec, scoring=scoring, mmr=mmr, dedup=dedup)
+            if touch:
+                hit = [i for i in ids.flatten().tolist() if i >= 0]
+                if hit:
+                    with self._op("touch"):
+                        self._store.touch(hit)
+        return sc, ids
+
+    def get(self, pattern_id: int) -> Pattern | None:
+        """A copy of the pattern with this id, or None."""
+        return self._store.get_pattern(pattern_id)
+
+    def remove(self, ids: int | Iterable[int]) -> int:
+        """Remove one pattern or many; returns how many were stored."""
+        id_list = [ids] if isinstance(ids, int) else list(ids)
+        for i in id_list:
+            if isinstance(i, bool) or not isinstance(i, int):
+                raise ValueError(f"ids must be integers, got {i!r}")
+        with self._op("remove"):
+            return self._store.remove_patterns(id_list)
+
+    def update(
+        self,
+        pattern_id: int,
+        *,
+        text: str | None = None,
+        lessons: Sequence[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        category: PatternCategory | str | None = None,
+        embedding: Any = None,
+    ) -> bool:
+        """Change a stored memory; returns False when no pattern has this id.
+
+        A new ``text`` is re-embedded (unless ``embedding`` is given too); ``lessons`` and ``metadata``
+        replace the old ones. Everything is validated before anything changes."""
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"text must be a string, got {type(text).__name__}")
+        lessons_l = None if lessons is None else _strings(lessons, "lessons")
+        attrs = None if metadata is None else check_attributes(metadata, "metadata")
+        cat = None if category is None else PatternCategory.parse(category)
+        emb = None
+        if embedding is not None:
+            emb = as_embedding(embedding, "embedding", dim=self._config.embedding_dim)
+        elif text is not None:
+            emb = self._encode([text])[0]
+        with self._op("update"):
+            p = self._store.get_pattern(pattern_id)
+            if p is None:
+                return False
+            if text is not None:
+                p.text = text
+            if emb is not None:
+                p.embedding = emb.clone()
+            if lessons_l is not None:
+                p.lessons = lessons_l
+            if attrs is not None:
+                p.metadata.attributes = attrs
+            if cat is not None:
+                p.category = cat
+            self._store.store_pattern(p)
+            return True
+
+    def __len__(self) -> int:
+        """Number of live patterns."""
+        return len(self._store)
 
     # ------------------------------------------------------------------ patterns
     def search_similar(self, query_embedding: Any, k: int) -> list[PatternSearchResult]:
@@ -584,6 +886,117 @@ class ReasoningBank:
         if journal:
             bank._attach_journal(journal, fsync, after_seq=int(meta.get("journal_seq", 0)))
         return bank
+
+
+def format_memories(results: Iterable[PatternSearchResult | Pattern], max_chars: int = 2000) -> str:
+    """A plain-text block of memories for a system prompt (SPEC §7): most relevant first, each with its
+    text, outcome and lessons; cut at a whole memory so the block stays within ``max_chars``.
+
+    Example:
+        >>> print(format_memories(bank.search("deploy without downtime", k=3)))  # doctest: +SKIP
+        1. [success] roll out the new API version behind a feature flag
+           - Ship behind a flag, then ramp up
+    """
+    if isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 0:
+        raise ValueError(f"max_chars must be a non-negative integer, got {max_chars!r}")
+    blocks: list[str] = []
+    used = 0
+    for n, r in enumerate(results, 1):
+        p = r.pattern if isinstance(r, PatternSearchResult) else r
+        if not isinstance(p, Pattern):
+            raise ValueError(f"results[{n - 1}] must be a PatternSearchResult or a Pattern, got {type(r).__name__}")
+        head = p.text if p.text else f"(pattern {p.id}, {p.category})"
+        label = "failure — avoid repeating it" if p.outcome == "failure" else "success"
+        lines = [f"{n}. [{label}] {' '.join(head.split())}"]
+        lines += [f"   - {' '.join(x.split())}" for x in p.lessons]
+        block = "\n".join(lines)
+        cost = len(block) + (1 if blocks else 0)
+        if used + cost > max_chars:
+            break
+        blocks.append(block)
+        used += cost
+    return "\n".join(blocks)
+
+
+def _strings(values: Any, name: str) -> list[str]:
+    if isinstance(values, str):
+        raise ValueError(f"{name} must be a list of strings, not one string")
+    try:
+        out = list(values)
+    except TypeError:
+        raise ValueError(f"{name} must be a list of strings, got {type(values).__name__}") from None
+    for i, v in enumerate(out):
+        if not isinstance(v, str):
+            raise ValueError(f"{name}[{i}] must be a string, got {type(v).__name__}")
+    return out
+
+
+def _as_encoder(embedder: Any) -> Any:
+    """``texts -> [B, D]`` of an embedder (an object with ``encode``, or a callable); None stays None."""
+    if embedder is None:
+        return None
+    enc = getattr(embedder, "encode", None)
+    if callable(enc):
+        return lambda texts: enc(list(texts))
+    if callable(embedder):
+        return embedder
+    raise ValueError(f"embedder must have encode(list[str]) or be callable, got {type(embedder).__name__}")
+
+
+def _known_dim(embedder: Any) -> int | None:
+    """The embedder's dimension when it says so without being run (None otherwise)."""
+    for name in ("get_sentence_embedding_dimension", "get_embedding_dimension"):
+        get = getattr(embedder, name, None)
+        if callable(get):
+            try:
+                d = get()
+            except Exception:  # noqa: BLE001 - a model that cannot tell: learn it from the first call
+                d = None
+            if isinstance(d, int) and d > 0:
+                return d
+    for name in ("dim", "embedding_dim", "dimension"):
+        d = getattr(type(embedder), name, None)
+        if isinstance(d, property):
+            d = getattr(embedder, name, None)
+        elif d is None:
+            d = getattr(embedder, name, None)
+        if isinstance(d, int) and not isinstance(d, bool) and d > 0:
+            return d
+    return None
+
+
+def _default_encoder() -> Any:
+    """The packaged all-MiniLM-L6-v2, loaded now; MissingBackendError naming the extra when not installed."""
+    from .backends import MissingBackendError
+
+    try:
+        from .text import TextEmbedder
+
+        emb = TextEmbedder()
+    except ImportError as e:
+        raise MissingBackendError(
+            "text queries need an embedder: pass ReasoningBank(embedder=...) or install the packaged model with "
+            f"pip install 'rbank-torch[text]' ({e})"
+        ) from None
+    return emb.encode
+
+
+def _warn_overridden(cfg: ReasoningBankConfig) -> None:
+    """The bank's own fields govern the pattern store; a different value set in pattern_config would be
+    dropped: warn, naming both, and align pattern_config with what the bank uses."""
+    import warnings
+
+    default = PatternStoreConfig()
+    pc = cfg.pattern_config
+    for name in ("ef_construction", "ef_search", "m", "device"):
+        mine, theirs = getattr(cfg, name), getattr(pc, name)
+        if theirs != mine and theirs != getattr(default, name):
+            warnings.warn(
+                f"pattern_config.{name} = {theirs!r} is overridden by ReasoningBankConfig.{name} = {mine!r} "
+                f"(the bank's value governs the store); set ReasoningBankConfig.{name} instead",
+                UserWarning, stacklevel=3,
+            )
+        setattr(pc, name, mine)
 
 
 def _default_path(storage_path: str) -> str:
@@ -760,7 +1173,7 @@ def _patterns_to_tensors(ps: list[Pattern], prefix: str) -> tuple[dict[str, torc
         [p.id, p.uuid, str(p.category), p.confidence, p.usage_count, p.success_count, p.avg_quality,
          dt_to_us(p.created_at), dt_to_us(p.last_accessed), list(p.source_trajectories), list(p.lessons),
          list(p.example_actions), list(p.metadata.tags), p.metadata.source, p.metadata.version,
-         dict(p.metadata.attributes)]
+         dict(p.metadata.attributes), p.text, p.outcome]
         for p in ps
     ]
     return {prefix + "emb": emb}, meta
@@ -776,8 +1189,15 @@ def _patterns_from_tensors(tensors: dict[str, torch.Tensor], meta: list, prefix:
         raise ValueError("pattern record: embedding count mismatch")
     out = []
     for e, m in zip(emb, meta):
+        if len(m) not in (16, 18):
+            raise ValueError("pattern record: expected 18 fields")
         (pid, uid, cat, conf, usage, success, avgq, created, last, sources, lessons, actions, tags, source,
-         version, attrs) = m
+         version, attrs) = m[:16]
+        text, outcome = (m[16], m[17]) if len(m) == 18 else (None, "success")
+        if text is not None and not isinstance(text, str):
+            raise ValueError("pattern record: text must be a string or null")
+        if outcome not in OUTCOMES:
+            raise ValueError(f"pattern record: outcome must be one of {list(OUTCOMES)}")
         out.append(
             Pattern(
                 id=int(pid), uuid=str(uid), embedding=e.clone(), category=PatternCategory.parse(cat),
@@ -786,7 +1206,8 @@ def _patterns_from_tensors(tensors: dict[str, torch.Tensor], meta: list, prefix:
                 lessons=[str(x) for x in lessons], example_actions=[str(x) for x in actions],
                 created_at=us_to_dt(created), last_accessed=us_to_dt(last),
                 metadata=PatternMetadata(tags=[str(x) for x in tags], source=str(source), version=int(version),
-                                         attributes={str(k): str(v) for k, v in attrs.items()}),
+                                         attributes=check_attributes(attrs, "attributes")),
+                text=text, outcome=outcome,
             )
         )
     bump_id_counter(max(p.id for p in out))

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ._util import as_embedding, check_unit, dt_to_us, us_to_dt, utcnow
+from .categories import category_name
 from .dedup import cosine_of_record, greedy_dedup, jaccard_of_record, words_of
 from .patterns import BUILTIN_CATEGORIES, PatternCategory
 from .trajectory import StepOutcomeKind, Trajectory
@@ -331,8 +332,9 @@ class DistillerStats:
 
 
 def infer_category(t: Trajectory) -> PatternCategory:
-    """Category of SPEC §5: Recovered → reflection, Failure → error_recovery, request type containing
-    "code" → code_generation, "research" → research, any tool invoked → tool_use, else general."""
+    """Category of SPEC §5: Recovered → reflection, Failure → error_recovery, then the library's one rule
+    table (:mod:`rbank_torch.categories`: request type code/coding/programming → code_generation, …, any
+    tool invoked → tool_use, tags and request type reasoning/chat → reasoning/conversational, else general)."""
     return _CATS[_category_code(t)]
 
 
@@ -343,16 +345,9 @@ def _category_code(t: Trajectory) -> int:
     if kind is _V_FAILURE:
         return _C_ERROR
     md = t.metadata
-    rt = md.request_type
-    if rt:
-        rt = rt.lower()
-        if "code" in rt:
-            return _C_CODE
-        if "research" in rt:
-            return _C_RESEARCH
-    if md.tools_invoked:
-        return _C_TOOL
-    return _C_GENERAL
+    if not md.request_type and not md.tags:  # the common fast case: no text to match
+        return _C_TOOL if md.tools_invoked else _C_GENERAL
+    return _CAT_CODE[category_name(md.request_type, md.tags, md.tools_invoked)]
 
 
 def estimate_trajectory_size(t: Trajectory) -> int:
@@ -719,21 +714,7 @@ class _Accumulator:
             v = t.verdict
             kind = v.kind
             md = t.metadata
-            if kind is _V_RECOVERED:
-                cat = _C_REFLECTION
-            elif kind is _V_FAILURE:
-                cat = _C_ERROR
-            else:
-                cat = _C_GENERAL
-                rt = md.request_type
-                if rt:
-                    rt = rt.lower()
-                    if "code" in rt:
-                        cat = _C_CODE
-                    elif "research" in rt:
-                        cat = _C_RESEARCH
-                if cat == _C_GENERAL and md.tools_invoked:
-                    cat = _C_TOOL
+            cat = _category_code(t)  # the library's one rule table (rbank_torch.categories)
             cat_counts[cat] += 1
             qe = t.query_embedding
             size = TRAJECTORY_OVERHEAD_BYTES + qe.nbytes

@@ -11,12 +11,29 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from ._util import as_embedding, check_unit, next_id, utcnow
+from .categories import category_name
 
 if TYPE_CHECKING:  # pragma: no cover
     from .distillation import KeyLesson
     from .trajectory import Trajectory
 
-__all__ = ["PatternCategory", "PatternMetadata", "Pattern", "PatternSearchResult", "BUILTIN_CATEGORIES"]
+__all__ = [
+    "PatternCategory",
+    "PatternMetadata",
+    "Pattern",
+    "PatternSearchResult",
+    "BUILTIN_CATEGORIES",
+    "OUTCOMES",
+    "AttributeValue",
+    "check_attributes",
+    "trajectory_attributes",
+]
+
+#: the outcomes a pattern can record (SPEC §7): what happened when its memory was made
+OUTCOMES = ("success", "failure")
+#: a metadata attribute value (SPEC §7)
+AttributeValue = str | int | float | bool
+_I64 = 1 << 63
 
 BUILTIN_CATEGORIES = (
     "general",
@@ -106,10 +123,54 @@ for _n in BUILTIN_CATEGORIES:
 
 @dataclass
 class PatternMetadata:
+    """Tags, origin and attributes of a pattern. ``attributes`` maps a name to a str, int, float or bool
+    (user_id, session_id, agent, request_type, …); filters of ``ReasoningBank.search(where=…)`` read them."""
+
     tags: list[str] = field(default_factory=list)
     source: str = "manual"
     version: int = 1
-    attributes: dict[str, str] = field(default_factory=dict)
+    attributes: dict[str, AttributeValue] = field(default_factory=dict)
+
+
+def check_attributes(attributes: Any, name: str = "metadata") -> dict[str, AttributeValue]:
+    """A validated copy of ``attributes``: str keys; values str, bool, int (int64) or finite float.
+
+    Raises:
+        ValueError: naming the offending key and the expectation.
+    """
+    if attributes is None:
+        return {}
+    if not isinstance(attributes, dict):
+        raise ValueError(f"{name} must be a dict of str to str/int/float/bool, got {type(attributes).__name__}")
+    out: dict[str, AttributeValue] = {}
+    for k, v in attributes.items():
+        if not isinstance(k, str) or not k:
+            raise ValueError(f"{name} keys must be non-empty strings, got {k!r}")
+        if isinstance(v, bool) or isinstance(v, str):
+            out[k] = v
+        elif isinstance(v, int):
+            if not -_I64 <= v < _I64:
+                raise ValueError(f"{name}[{k!r}] must fit in a signed 64-bit integer, got {v}")
+            out[k] = int(v)
+        elif isinstance(v, float):
+            if not math.isfinite(v):
+                raise ValueError(f"{name}[{k!r}] must be a finite number, got {v}")
+            out[k] = float(v)
+        else:
+            raise ValueError(f"{name}[{k!r}] must be a str, int, float or bool, got {type(v).__name__}")
+    return out
+
+
+def trajectory_attributes(t: Trajectory) -> dict[str, AttributeValue]:
+    """The attributes a trajectory hands to its pattern: its metadata attributes (the query text aside,
+    which becomes the pattern's ``text``) plus ``user_id``, ``session_id`` and ``request_type`` when set."""
+    md = t.metadata
+    out: dict[str, AttributeValue] = {k: v for k, v in md.attributes.items() if k != "query"}
+    for key in ("user_id", "session_id", "request_type"):
+        v = getattr(md, key)
+        if v is not None:
+            out[key] = v
+    return out
 
 
 @dataclass(eq=False)
@@ -134,6 +195,11 @@ class Pattern:
     created_at: datetime = field(default_factory=utcnow)
     last_accessed: datetime = field(default_factory=utcnow)
     metadata: PatternMetadata = field(default_factory=PatternMetadata)
+    #: the text the memory came from (the trajectory's query, or the text given to ``add``); None when only
+    #: an embedding was given
+    text: str | None = None
+    #: "success" or "failure" (a failed run kept as a preventive memory)
+    outcome: str = "success"
 
     def __eq__(self, other: object) -> bool:
         """Field-by-field equality (embeddings compared exactly, dtype included)."""
@@ -167,47 +233,46 @@ class Pattern:
 
     @staticmethod
     def infer_category(t: Trajectory) -> PatternCategory:
-        """Category of a trajectory's pattern (SPEC §3 ``from_trajectory``)."""
+        """Category of a trajectory's pattern (SPEC §3 ``from_trajectory``; the rule table of
+        :mod:`rbank_torch.categories`)."""
         from .verdicts import VerdictKind
 
-        rt = (t.metadata.request_type or "").lower()
-        if "code" in rt or "programming" in rt:
-            return PatternCategory.CODE_GENERATION
-        if "research" in rt or "analyze" in rt:
-            return PatternCategory.RESEARCH
-        if "creative" in rt or "write" in rt:
-            return PatternCategory.CREATIVE
-        if t.metadata.tools_invoked:
-            return PatternCategory.TOOL_USE
-        if t.verdict.kind is VerdictKind.RECOVERED:
-            return PatternCategory.REFLECTION
-        tags = [x.lower() for x in t.metadata.tags]
-        if any("reasoning" in x or "logic" in x for x in tags):
-            return PatternCategory.REASONING
-        if any("chat" in x or "conversation" in x for x in tags):
-            return PatternCategory.CONVERSATIONAL
-        return PatternCategory.GENERAL
+        md = t.metadata
+        name = category_name(md.request_type, md.tags, md.tools_invoked,
+                             recovered=t.verdict.kind is VerdictKind.RECOVERED)
+        return getattr(PatternCategory, name.upper())
 
     @classmethod
-    def from_trajectory(cls, t: Trajectory) -> Pattern:
-        """Pattern of a completed trajectory (SPEC §3)."""
+    def from_trajectory(cls, t: Trajectory, *, outcome: str = "success", lessons: list[str] | None = None,
+                        confidence: float | None = None) -> Pattern:
+        """Pattern of a completed trajectory (SPEC §3), with its provenance (SPEC §7): ``text`` is the
+        trajectory's query text, the attributes are :func:`trajectory_attributes`.
+
+        ``outcome``, ``lessons`` and ``confidence`` serve a failure kept as a memory (the bank passes
+        ``"failure"``, the analysis's lessons and ``max(quality, min_confidence)``)."""
         now = utcnow()
         q = check_unit(t.quality, "trajectory.quality")
+        if outcome not in OUTCOMES:
+            raise ValueError(f"outcome must be one of {list(OUTCOMES)}, got {outcome!r}")
+        text = t.metadata.attributes.get("query")
         return cls(
             id=next_id(),
             uuid=str(_uuid.uuid4()),
             embedding=as_embedding(t.query_embedding, "query_embedding").clone(),
             category=cls.infer_category(t),
-            confidence=q,
+            confidence=q if confidence is None else check_unit(confidence, "confidence"),
             usage_count=1,
             success_count=1 if t.is_success else 0,
             avg_quality=q,
             source_trajectories=[int(t.id)],
-            lessons=list(t.lessons),
+            lessons=list(t.lessons) if lessons is None else [str(x) for x in lessons],
             example_actions=[s.action for s in t.steps[:5]],
             created_at=now,
             last_accessed=now,
-            metadata=PatternMetadata(tags=list(t.metadata.tags), source="trajectory"),
+            metadata=PatternMetadata(tags=list(t.metadata.tags), source="trajectory",
+                                     attributes=check_attributes(trajectory_attributes(t), "trajectory attributes")),
+            text=text if isinstance(text, str) else None,
+            outcome=outcome,
         )
 
     @classmethod
@@ -292,6 +357,14 @@ def merge_embeddings(e1: torch.Tensor, u1: int, e2: torch.Tensor, u2: int) -> to
 
 @dataclass
 class PatternSearchResult:
+    """One search hit: the pattern (a copy), its cosine ``similarity`` to the query, its 0-based ``rank``
+    and the ``score`` it was ranked by (the similarity unless a ``RetrievalScoring`` was given)."""
+
     pattern: Pattern
     similarity: float
     rank: int
+    score: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.score is None:
+            self.score = self.similarity

@@ -25,7 +25,16 @@ import torch
 
 from ._util import EPOCH, as_embedding, as_embedding_batch, check_unit, dt_to_us, us_to_dt, utcnow
 from .importance import importance_scores
-from .patterns import BUILTIN_CATEGORIES, Pattern, PatternCategory, PatternMetadata, PatternSearchResult
+from .patterns import (
+    BUILTIN_CATEGORIES,
+    OUTCOMES,
+    Pattern,
+    PatternCategory,
+    PatternMetadata,
+    PatternSearchResult,
+    check_attributes,
+)
+from .retrieval import AttributeColumn, FilterSpec, RetrievalScoring, mmr_select
 
 __all__ = [
     "PatternStoreConfig",
@@ -145,7 +154,7 @@ class PatternStats:
 class _Side:
     """Strings and lists of one row (empty containers are stored as None to save memory)."""
 
-    __slots__ = ("uuid", "_sources", "_lessons", "_actions", "_tags", "source", "version", "_attributes")
+    __slots__ = ("uuid", "_sources", "_lessons", "_actions", "_tags", "source", "version", "_attributes", "text")
 
     def __init__(self, p: Pattern) -> None:
         md = p.metadata
@@ -156,9 +165,11 @@ class _Side:
         self._tags = [str(x) for x in md.tags] or None
         self.source = str(md.source)
         self.version = int(md.version)
-        self._attributes = dict(md.attributes) or None
-        if self._attributes is not None:
-            self._attributes = {str(k): str(v) for k, v in self._attributes.items()}
+        self._attributes = check_attributes(md.attributes, "metadata.attributes") or None
+        text = p.text
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"text must be a string or None, got {type(text).__name__}")
+        self.text: str | None = text
 
     # list views (created on first write)
     @property
@@ -184,19 +195,23 @@ class _Side:
         return self._tags or []
 
     @property
-    def attributes(self) -> dict[str, str]:
+    def attributes(self) -> dict[str, Any]:
         return self._attributes or {}
 
     def to_json(self) -> list:
         return [self.uuid, self._sources or [], self._lessons or [], self._actions or [], self._tags or [],
-                self.source, self.version, self._attributes or {}]
+                self.source, self.version, self._attributes or {}, self.text]
 
     @classmethod
     def from_json(cls, j: list) -> _Side:
         s = cls.__new__(cls)
-        if not isinstance(j, list) or len(j) != 8:
-            raise ValueError("side row must be a list of 8 fields")
-        uuid, sources, lessons, actions, tags, source, version, attributes = j
+        if not isinstance(j, list) or len(j) not in (8, 9):
+            raise ValueError("side row must be a list of 9 fields")
+        uuid, sources, lessons, actions, tags, source, version, attributes = j[:8]
+        text = j[8] if len(j) == 9 else None  # snapshots written before patterns kept their text
+        if text is not None and not isinstance(text, str):
+            raise ValueError("side row text must be a string or null")
+        s.text = text
         if not (isinstance(uuid, str) and isinstance(source, str) and isinstance(version, int)
                 and all(isinstance(x, list) for x in (sources, lessons, actions, tags))
                 and isinstance(attributes, dict)):
@@ -206,14 +221,14 @@ class _Side:
         s._lessons = [str(x) for x in lessons] or None
         s._actions = [str(x) for x in actions] or None
         s._tags = [str(x) for x in tags] or None
-        s._attributes = {str(k): str(v) for k, v in attributes.items()} or None
+        s._attributes = check_attributes(attributes, "attributes") or None
         return s
 
 
 class _Row:
     """A validated pattern waiting to be written to the columns."""
 
-    __slots__ = ("id", "emb", "conf", "usage", "success", "avgq", "created", "last", "cat", "side")
+    __slots__ = ("id", "emb", "conf", "usage", "success", "avgq", "created", "last", "cat", "side", "outcome")
 
     id: int
     emb: torch.Tensor  # [D] float32 (set for staged single inserts; batches keep the stacked [m, D])
@@ -225,6 +240,7 @@ class _Row:
     last: int  # µs since the epoch
     cat: PatternCategory
     side: _Side
+    outcome: int  # index in OUTCOMES
 
 
 _US = timedelta(microseconds=1)
@@ -266,6 +282,10 @@ def _check_scalars(p: Pattern, min_confidence: float) -> _Row:
     except TypeError:
         raise ValueError("created_at and last_accessed must be timezone-aware datetimes") from None
     r.side = _Side(p)
+    try:
+        r.outcome = OUTCOMES.index(p.outcome)
+    except ValueError:
+        raise ValueError(f"outcome must be one of {list(OUTCOMES)}, got {p.outcome!r}") from None
     return r
 
 
@@ -314,7 +334,8 @@ class PatternStore:
         True
     """
 
-    _COLUMNS = ("_ids", "_conf", "_usage", "_success", "_avgq", "_created", "_last", "_cat", "_alive", "_norm")
+    _COLUMNS = ("_ids", "_conf", "_usage", "_success", "_avgq", "_created", "_last", "_cat", "_alive", "_norm",
+                "_outcome")
 
     def __init__(self, config: PatternStoreConfig | None = None, **overrides: Any) -> None:
         cfg = PatternStoreConfig(**asdict(config)) if config is not None else PatternStoreConfig()
@@ -356,6 +377,10 @@ class PatternStore:
         self._last = torch.empty(cap, dtype=torch.int64, device=d)  # µs since epoch
         self._cat = torch.empty(cap, dtype=torch.int32, device=d)
         self._alive = torch.zeros(cap, dtype=torch.bool, device=d)
+        self._outcome = torch.zeros(cap, dtype=torch.int8, device=d)  # index in OUTCOMES
+        #: metadata attributes on columns (one per attribute name) and the rows holding each tag
+        self._attrs: dict[str, AttributeColumn] = {}
+        self._tag_rows: dict[str, list[int]] = {}
         self._side: list[_Side | None] = []
         self._row_of: dict[int, int] = {}
         self._staged: dict[int, _Row] = {}
@@ -378,6 +403,8 @@ class PatternStore:
             new = (torch.zeros if name == "_alive" else torch.empty)(new_cap, dtype=old.dtype, device=self.device)
             new[: self._n] = old[: self._n]
             setattr(self, name, new)
+        for acol in self._attrs.values():
+            acol.grow(new_cap, self._n)
         self._cap = new_cap
 
     def _touch(self) -> None:
@@ -435,11 +462,13 @@ class PatternStore:
         self._created[a:b] = col([r.created for r in rows], torch.int64)
         self._last[a:b] = col([r.last for r in rows], torch.int64)
         self._cat[a:b] = col([self._code(r.cat) for r in rows], torch.int32)
+        self._outcome[a:b] = col([r.outcome for r in rows], torch.int8)
         self._alive[a:b] = True
         row_of = self._row_of
         for i, r in enumerate(rows):
             self._side.append(r.side)
             row_of[r.id] = a + i
+        self._index_rows(a, b)
         self._n = b
         self._touch()
         self._backend.on_append(a, b)
@@ -476,8 +505,13 @@ class PatternStore:
             col = getattr(self, name)
             col[:m] = col[keep]
         self._alive[m:n] = False
+        for acol in self._attrs.values():
+            acol.codes[:m] = acol.codes[keep]
+            acol.num[:m] = acol.num[keep]
         keep_l = keep.tolist()
         self._side = [self._side[r] for r in keep_l]
+        self._tag_rows = {}
+        self._index_tags(0, m)
         self._row_of = {pid: i for i, pid in enumerate(self._ids[:m].tolist())}
         self._n = m
         self._dead = 0
@@ -501,6 +535,7 @@ class PatternStore:
             name: getattr(self, name)[idx].tolist()
             for name in ("_ids", "_conf", "_usage", "_success", "_avgq", "_created", "_last", "_cat")
         }
+        outcome = self._outcome[idx].tolist()
         out = []
         for i, r in enumerate(rows):
             s = self._side[r]
@@ -523,9 +558,92 @@ class PatternStore:
                     metadata=PatternMetadata(
                         tags=list(s.tags), source=s.source, version=s.version, attributes=dict(s.attributes)
                     ),
+                    text=s.text,
+                    outcome=OUTCOMES[outcome[i]],
                 )
             )
         return out
+
+    # ------------------------------------------------------------------ metadata on columns
+    def _index_rows(self, a: int, b: int) -> None:
+        """Write the attribute codes and tag lists of rows ``a:b`` (their side rows are in place)."""
+        for acol in self._attrs.values():
+            acol.codes[a:b] = -1
+            acol.num[a:b] = math.nan
+        per_key: dict[str, tuple[list[int], list[int], list[float]]] = {}
+        for r in range(a, b):
+            side = self._side[r]
+            attrs = side.attributes if side is not None else None
+            if not attrs:
+                continue
+            for key, v in attrs.items():
+                acol = self._attrs.get(key)
+                if acol is None:
+                    acol = self._attrs[key] = AttributeColumn(self._cap, self.device)
+                rows_l, codes_l, nums_l = per_key.setdefault(key, ([], [], []))
+                rows_l.append(r)
+                codes_l.append(acol.code(v))
+                nums_l.append(AttributeColumn.number(v))
+        for key, (rows_l, codes_l, nums_l) in per_key.items():
+            acol = self._attrs[key]
+            idx = torch.tensor(rows_l, dtype=torch.int64, device=self.device)
+            acol.codes[idx] = torch.tensor(codes_l, dtype=torch.int32, device=self.device)
+            acol.num[idx] = torch.tensor(nums_l, dtype=torch.float64, device=self.device)
+        self._index_tags(a, b)
+
+    def _index_tags(self, a: int, b: int) -> None:
+        tag_rows = self._tag_rows
+        for r in range(a, b):
+            side = self._side[r]
+            if side is not None and side._tags:
+                for t in set(side._tags):
+                    tag_rows.setdefault(t, []).append(r)
+
+    def merge_groups(self, rows: torch.Tensor, by_category: bool) -> torch.Tensor | None:
+        """Group code ``[r]`` int64 of ``rows`` that consolidation merges within: patterns of different outcomes
+        (SPEC §7) — and, with ``by_category``, of different categories — never merge. None: one group."""
+        n_out = len(OUTCOMES)
+        out = self._outcome[rows].to(torch.int64)
+        mixed = out.numel() > 0 and bool((out != out[0]).any())
+        if by_category:
+            return self._cat[rows].to(torch.int64) * n_out + out
+        return out if mixed else None
+
+    def filter_mask(
+        self,
+        *,
+        where: dict[str, Any] | None = None,
+        category: Any = None,
+        outcome: Any = None,
+        tags: Any = None,
+        since: Any = None,
+        until: Any = None,
+        min_quality: float | None = None,
+    ) -> torch.Tensor | None:
+        """Boolean mask ``[n]`` over the store's rows (live rows that match every filter, ANDed), on the
+        store's device; None when no filter is given. The filters are those of ``ReasoningBank.search``
+        (SPEC §7); they are validated here and raise ``ValueError`` naming the filter."""
+        spec = FilterSpec.parse(where, category, outcome, tags, since, until, min_quality)
+        with self._lock:
+            self._flush()
+            return self._mask(spec)
+
+    def _mask(self, spec: FilterSpec) -> torch.Tensor | None:
+        return spec.mask(self._n, self._alive, self._cat, self._cat_codes, self._outcome, self._created,
+                         self._avgq, self._attrs, self._tag_rows)
+
+    def touch(self, pattern_ids: Iterable[int]) -> int:
+        """Set last_accessed ← now for the given patterns (a retrieval); returns how many are stored."""
+        with self._mutating():
+            self._flush()
+            rows = sorted({self._row_of[i] for i in pattern_ids if i in self._row_of})
+            if not rows:
+                return 0
+            idx = torch.tensor(rows, dtype=torch.int64, device=self.device)
+            self._last[idx] = dt_to_us(utcnow())
+            self._touched(self._ids[idx].tolist())
+            self._touch()
+            return len(rows)
 
     # ------------------------------------------------------------------ capacity
     def _live_rows(self) -> torch.Tensor:
@@ -723,7 +841,7 @@ class PatternStore:
         if n == 0:
             return rows, torch.empty(0, dtype=torch.int64)
         emb = self._emb[rows]
-        cats = self._cat[rows].to(torch.int64) if by_category else None
+        cats = self.merge_groups(rows, by_category)
         pairs = pairs_above(emb, threshold, cats)
         leader = leader_scan(n, pairs.cpu(), None if eligible is None else eligible.cpu())
         return rows, leader.cpu()
@@ -820,6 +938,13 @@ class PatternStore:
             row = self._row_of.get(pattern_id)
             return None if row is None else self._patterns_at([row])[0]
 
+    def get_patterns(self, pattern_ids: Iterable[int]) -> list[Pattern]:
+        """Copies of the stored patterns among ``pattern_ids``, in the order given (missing ids skipped)."""
+        with self._lock:
+            self._flush()
+            rows = [r for r in (self._row_of.get(i) for i in pattern_ids) if r is not None]
+            return self._patterns_at(rows)
+
     def __contains__(self, pattern_id: object) -> bool:
         with self._lock:
             return pattern_id in self._staged or pattern_id in self._row_of
@@ -874,15 +999,20 @@ class PatternStore:
         self._score_cache = (self._cache_version, scale, bias)
         return scale, bias
 
-    def _search_rows(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact top-k: ``q`` ``[B, D]`` (prepared) → (scores ``[B, k']``, rows ``[B, k']``), k' = min(k, n)."""
+    def _search_rows(self, q: torch.Tensor, k: int, scale: torch.Tensor | None = None,
+                     bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-k: ``q`` ``[B, D]`` (prepared) → (scores ``[B, k']``, rows ``[B, k']``), k' = min(k, n).
+
+        ``scale``/``bias`` ``[n]`` replace the per-row score terms of :meth:`_scores_prep` (a filter sets −inf
+        in ``bias`` where a row does not match; a retrieval scoring adds its per-row terms)."""
         n = self._n
         B = q.shape[0]
         kk = min(k, n)
         if kk == 0:
             e = torch.empty((B, 0), device=self.device)
             return e, e.long()
-        scale, bias = self._scores_prep()
+        if scale is None or bias is None:
+            scale, bias = self._scores_prep()
         block = self.config.search_block_rows
         E = self._emb
         # |q·e| ≤ ||q||·||e|| bounds every partial sum too (Cauchy–Schwarz): when that bound (and ||e||² for
@@ -907,7 +1037,7 @@ class PatternStore:
                 # products of huge finite values overflow to inf/NaN (NaN would outrank every row in topk):
                 # live rows keep a finite score, dead rows −inf, so "finite" still means "live" below
                 torch.nan_to_num_(s, nan=nan_score, posinf=_F32_MAX, neginf=-_F32_MAX)
-                s.masked_fill_(~self._alive[a:b], _NEG_INF)
+                s.masked_fill_(torch.isneginf(bias[a:b]), _NEG_INF)
             ts, ti = torch.topk(s, min(kk, b - a), dim=1)
             ti += a
             if best_s is None or best_r is None:
@@ -961,6 +1091,14 @@ class PatternStore:
         if plan is not None:
             # approximate backend: the index search runs outside the store lock (unless the caller holds it)
             s, ids = plan.run()
+            with self._lock:
+                # an index may return fewer than min(k, live) (HNSW with dead slots, IVF probing few lists):
+                # then the exact search answers, so the count is always min(k, live)
+                need = min(k, len(self))
+                if s.shape[1] < need or bool(((ids >= 0).sum(dim=1) < need).any()):
+                    self._flush()
+                    s, r = self._search_rows(qp, k)
+                    ids = torch.where(torch.isfinite(s), self._ids[r] if r.numel() else r, torch.full_like(r, -1))
         s = self._finish_scores(s, qsq)
         B = qp.shape[0]
         if s.shape[1] < k:
@@ -971,6 +1109,212 @@ class PatternStore:
             self._total_searches += B
             self._search_time_ms += (time.perf_counter() - t0) * 1000.0
         return s, ids
+
+    def search_memory(
+        self,
+        queries: Any,
+        k: int,
+        *,
+        filters: FilterSpec | None = None,
+        scoring: RetrievalScoring | None = None,
+        mmr: float | None = None,
+        dedup: str | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Filtered, scored, diversified top-k (SPEC §7; ``ReasoningBank.search`` is the documented entry).
+
+        Args:
+            queries: ``[B, D]`` (or ``[D]``).
+            k: results per query.
+            filters: a :class:`~rbank_torch.retrieval.FilterSpec` (ANDed with the live rows, before top-k).
+            scoring: a :class:`~rbank_torch.retrieval.RetrievalScoring` (None: by similarity).
+            mmr: λ of maximal marginal relevance over the top ``max(4k, 50)`` by score (None: off).
+            dedup: ``"text"``: at most one result per distinct text.
+
+        Returns:
+            (scores ``[B, k]`` float32, similarities ``[B, k]`` float32, ids ``[B, k]`` int64), best first;
+            exactly ``min(k, matching live patterns)`` results per query on every backend; missing slots
+            hold −inf / −inf / −1.
+        """
+        k = _check_k(k, "k")
+        D = self.config.embedding_dim
+        q = as_embedding_batch(queries, "queries", dim=D)
+        if scoring is not None and not isinstance(scoring, RetrievalScoring):
+            raise ValueError(f"scoring must be a RetrievalScoring, got {type(scoring).__name__}")
+        if scoring is not None and scoring.is_plain:
+            scoring = None
+        if scoring is not None and self.config.distance_metric == "euclidean":
+            raise ValueError("scoring needs the cosine or dot distance_metric (similarity is not linear in "
+                             "the query for euclidean)")
+        if mmr is not None:
+            if isinstance(mmr, bool) or not isinstance(mmr, (int, float)) or not 0.0 < float(mmr) <= 1.0:
+                raise ValueError(f"mmr must be a number λ with 0 < λ ≤ 1, got {mmr!r}")
+            mmr = float(mmr)
+        if dedup not in (None, "text"):
+            raise ValueError(f"dedup must be None or 'text', got {dedup!r}")
+        B = q.shape[0]
+        t0 = time.perf_counter()
+        with self._lock:
+            self._flush()
+            qp, qsq = self._prepare_queries(q)
+            mask = self._mask(filters) if filters is not None else None
+            live = len(self)
+            matching = int(mask.sum()) if mask is not None else live
+            want = min(k, matching)
+            mmr_pool = max(4 * k, 50)
+            pool = want if mmr is None else min(matching, mmr_pool)
+            target = k if mmr is None else mmr_pool  # candidates wanted after dedup
+            if dedup is not None:
+                pool = min(matching, 4 * target)
+            plan = None
+            if scoring is None and pool > 0 and dedup is None and (mask is None or 4 * matching > live):
+                # the index serves unscored searches on wide filters; it over-fetches for the filter
+                kf = pool if mask is None else min(live, math.ceil(pool * live / matching * 1.5) + 16)
+                # NOTE: past a quarter of the rows an exact scan costs no more than the index, and is exact
+                if 4 * kf <= live:
+                    plan = self._backend.begin_search(qp, qsq, kf)
+            if plan is None:
+                sc, rows = self._candidates(qp, qsq, pool, mask, scoring, matching)
+        if plan is not None:
+            s_raw, ids_raw = plan.run()
+        with self._lock:
+            self._flush()
+            if plan is not None:
+                rows, sc = self._rows_of_ids(ids_raw, s_raw, qsq, mask, pool)
+                if rows is None:  # the index could not supply enough matching rows: exact search answers
+                    mask = self._mask(filters) if filters is not None else None
+                    matching = int(mask.sum()) if mask is not None else len(self)
+                    pool = min(pool, matching)
+                    sc, rows = self._candidates(qp, qsq, pool, mask, scoring, matching)
+            if dedup == "text":
+                size = pool
+                while True:
+                    sc, rows, full = self._dedup_text(sc, rows, target)
+                    if full or size >= matching:
+                        break
+                    size = min(matching, size * 4)
+                    sc, rows = self._candidates(qp, qsq, size, mask, scoring, matching)
+            if mmr is not None and rows.shape[1] > 0:
+                sc, rows = sc[:, :mmr_pool], rows[:, :mmr_pool]
+                safe_rows = rows.clamp(min=0)
+                e = self._emb[safe_rows].float()  # [B, P, D]
+                unit = e / torch.linalg.vector_norm(e, dim=2, keepdim=True).clamp(min=1e-12)
+                pick = mmr_select(sc, unit, mmr, k)
+                ok = pick >= 0
+                pk = pick.clamp(min=0)
+                sc = torch.where(ok, torch.gather(sc, 1, pk), torch.full_like(sc[:, :1].expand_as(pk), _NEG_INF))
+                rows = torch.where(ok, torch.gather(rows, 1, pk), torch.full_like(pk, -1))
+            sc, rows = sc[:, :k], rows[:, :k]
+            found = rows >= 0
+            safe_rows = rows.clamp(min=0)
+            ids = torch.where(found, self._ids[safe_rows], torch.full_like(rows, -1))
+            sc = sc.masked_fill(~found, _NEG_INF)
+            # by similarity alone the score is the similarity; otherwise it is recomputed for the results
+            sims = sc if scoring is None else self._similarities(qp, qsq, safe_rows).masked_fill(~found, _NEG_INF)
+            if sc.shape[1] < k:
+                pad = k - sc.shape[1]
+                sc = torch.cat([sc, torch.full((B, pad), _NEG_INF, device=self.device)], dim=1)
+                sims = torch.cat([sims, torch.full((B, pad), _NEG_INF, device=self.device)], dim=1)
+                ids = torch.cat([ids, torch.full((B, pad), -1, dtype=torch.int64, device=self.device)], dim=1)
+            self._total_searches += B
+            self._search_time_ms += (time.perf_counter() - t0) * 1000.0
+        return sc, sims, ids
+
+    def _candidates(self, qp: torch.Tensor, qsq: torch.Tensor, pool: int, mask: torch.Tensor | None,
+                    scoring: RetrievalScoring | None, matching: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-``pool`` rows by score among the rows ``mask`` keeps: (scores ``[B, p]``, rows ``[B, p]``
+        with −1 for empty slots), scores in similarity space (:meth:`_finish_scores` applied)."""
+        B = qp.shape[0]
+        if pool <= 0:
+            e = torch.empty((B, 0), device=self.device)
+            return e, e.long()
+        scale, bias = self._scores_prep()
+        n = self._n
+        if scoring is not None:
+            alive_usage = self._usage[:n][self._alive[:n]]
+            max_usage = int(alive_usage.max()) if alive_usage.numel() else 0
+            extra = scoring.row_bias(self._created[:n], self._avgq[:n], self._usage[:n], max_usage)
+            scale = scale * scoring.similarity
+            bias = bias + extra
+        if mask is not None and 4 * matching <= n:
+            # a selective filter: score only the matching rows (a gather of m rows, then one small GEMM)
+            sel = torch.nonzero(mask).flatten()
+            e = self._emb[sel]
+            s = torch.mm(qp, e.T).float() * scale[sel] + bias[sel]
+            if scoring is None:
+                s = self._finish_scores(s, qsq)
+            ts, ti = torch.topk(s, min(pool, int(sel.numel())), dim=1)
+            rows = sel[ti]
+        else:
+            if mask is not None:
+                bias = bias.masked_fill(~mask, _NEG_INF)
+            ts, rows = self._search_rows(qp, pool, scale, bias)
+            if scoring is None:
+                ts = self._finish_scores(ts, qsq)
+        rows = torch.where(torch.isfinite(ts), rows, torch.full_like(rows, -1))
+        return ts, rows
+
+    def _rows_of_ids(self, ids: torch.Tensor, s: torch.Tensor, qsq: torch.Tensor, mask: torch.Tensor | None,
+                     pool: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Rows of an index's answer kept by ``mask``, the first ``pool`` per query; (None, …) when some query
+        got fewer than ``pool`` (the caller then searches exactly)."""
+        ids_l = ids.cpu().tolist()
+        row_of = self._row_of
+        rows_l = [[row_of.get(i, -1) if i >= 0 else -1 for i in qi] for qi in ids_l]
+        rows = torch.tensor(rows_l, dtype=torch.int64, device=self.device).reshape(ids.shape)
+        ok = rows >= 0
+        if mask is not None:
+            ok &= mask[rows.clamp(min=0)]
+        if bool((ok.sum(dim=1) < pool).any()):
+            return None, s
+        s = self._finish_scores(s.to(self.device), qsq).masked_fill(~ok, _NEG_INF)
+        ts, j = torch.topk(s, pool, dim=1)  # stable enough: the index's order among equal scores is kept
+        return torch.gather(rows, 1, j), ts
+
+    def _dedup_text(self, sc: torch.Tensor, rows: torch.Tensor, target: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Keep the best-scored candidate per distinct text (patterns without text are all distinct); the
+        flag says whether every query kept ``target`` candidates (or ran out of candidates)."""
+        B, P = rows.shape
+        out_r = torch.full((B, P), -1, dtype=torch.int64, device=self.device)
+        out_s = torch.full((B, P), _NEG_INF, device=self.device)
+        full = True
+        rows_l = rows.tolist()
+        for b in range(B):
+            seen: set[str] = set()
+            keep: list[int] = []
+            for j, r in enumerate(rows_l[b]):
+                if r < 0:
+                    break
+                side = self._side[r]
+                text = side.text if side is not None else None
+                if text is not None:
+                    if text in seen:
+                        continue
+                    seen.add(text)
+                keep.append(j)
+            got = len(keep)
+            exhausted = P == 0 or rows_l[b][-1] < 0
+            if got < target and not exhausted:
+                full = False
+            if keep:
+                idx = torch.tensor(keep, dtype=torch.int64, device=self.device)
+                out_r[b, :got] = rows[b, idx]
+                out_s[b, :got] = sc[b, idx]
+        return out_s, out_r, full
+
+    def _similarities(self, qp: torch.Tensor, qsq: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Similarity ``[B, p]`` of each query with its rows (cosine, dot, or 1/(1+distance))."""
+        if rows.numel() == 0:
+            return torch.empty(rows.shape, device=self.device)
+        e = self._emb[rows].float()  # [B, p, D]
+        dots = torch.bmm(e, qp.float().unsqueeze(2)).squeeze(2)  # [B, p]
+        metric = self.config.distance_metric
+        norm = self._norm[rows]
+        if metric == "cosine":
+            return torch.where(norm > 1e-8, dots / norm.clamp(min=1e-30), torch.zeros_like(dots))
+        if metric == "dot":
+            return dots
+        d2 = (qsq[:, None] - 2.0 * dots + norm * norm).clamp(min=0)
+        return 1.0 / (1.0 + d2.sqrt())
 
     def search_similar(self, query: Any, k: int) -> list[PatternSearchResult]:
         """The ``min(k, len)`` live patterns most similar to ``query`` ``[D]``, best first (rank 0-based)."""
@@ -1026,6 +1370,7 @@ class PatternStore:
                 "last_accessed_us": self._last[rows],
                 "category_code": self._cat[rows],
                 "category_names": list(self._cat_names),
+                "outcome_code": self._outcome[rows],
             }
 
     # ------------------------------------------------------------------ snapshots
@@ -1051,6 +1396,7 @@ class PatternStore:
                 prefix + "created_us": self._created[rows],
                 prefix + "last_accessed_us": self._last[rows],
                 prefix + "category_code": self._cat[rows],
+                prefix + "outcome": self._outcome[rows],
                 prefix + "side": data,
             }
             meta = {
@@ -1106,6 +1452,12 @@ class PatternStore:
         codes = cols["category_code"]
         if count and (int(codes.min()) < 0 or int(codes.max()) >= len(names)):
             raise SnapshotError("corrupt snapshot: category code out of range")
+        if prefix + "outcome" in tensors:
+            outcome = expect_tensor(tensors, prefix + "outcome", torch.int8, (count,))
+            if count and (int(outcome.min()) < 0 or int(outcome.max()) >= len(OUTCOMES)):
+                raise SnapshotError("corrupt snapshot: outcome code out of range")
+        else:  # written before patterns kept their outcome: every pattern was a success
+            outcome = torch.zeros(count, dtype=torch.int8)
         if len(set(cols["id"].tolist())) != count:
             raise SnapshotError("corrupt snapshot: duplicate pattern ids")
         if count and not bool(torch.isfinite(emb.float()).all()):
@@ -1127,8 +1479,10 @@ class PatternStore:
         store._created[:count] = cols["created_us"].to(dev)
         store._last[:count] = cols["last_accessed_us"].to(dev)
         store._cat[:count] = codes.to(dev)
+        store._outcome[:count] = outcome.to(dev)
         store._alive[:count] = True
         store._side = list(sides)
+        store._index_rows(0, count)
         store._row_of = {pid: i for i, pid in enumerate(cols["id"].tolist())}
         store._n = count
         store._total_searches = int(meta.get("total_searches", 0))

@@ -474,7 +474,8 @@ class VerdictAnalyzer:
         )
 
         lessons = list(t.lessons)
-        if verdict.is_success:
+        # Trajectory.is_success (Success or Recovered, any quality), as the reference chooses this branch
+        if t.is_success:
             ok = [s.action for s in steps if s.outcome.is_success][:3]
             if ok:
                 lessons.append("Successful pattern: " + " -> ".join(ok))

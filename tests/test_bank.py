@@ -59,7 +59,7 @@ def test_config_defaults_and_dim_governs():
 
 
 def test_store_trajectory_stats_and_patterns():
-    bank = ReasoningBank(bank_cfg())
+    bank = ReasoningBank(bank_cfg(keep_failures=False))  # SPEC §6: below the threshold, no pattern
     g = torch.Generator().manual_seed(0)
     cause = RootCause.tool_failure("x", "y")
     ts = [
@@ -300,7 +300,10 @@ def test_save_load_roundtrip_exact(tmp_path):
     assert again.export_patterns() == bank.export_patterns()
     assert again.stats() == bank.stats()
     assert again.config.to_dict() == bank.config.to_dict()
-    assert again.analyzer.stats().analyses_performed == 1
+    # one explicit analysis, and one made to keep the failed trajectory as a failure memory (SPEC §7)
+    kept_failures = sum(t.quality < bank.config.min_quality_threshold for t in ts)
+    assert kept_failures >= 1
+    assert again.analyzer.stats().analyses_performed == 1 + kept_failures
     for a, b in zip(again.trajectories, bank.trajectories):
         for f in ("id", "uuid", "verdict", "quality", "total_latency_ms", "started_at", "completed_at",
                   "metadata", "lessons"):

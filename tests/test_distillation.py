@@ -308,7 +308,12 @@ def test_truncation_after_dedup_keeps_merges_from_beyond_the_cut():
         (dict(request_type="Write CODE", tools=["t"]), "code_generation"),
         (dict(request_type="deep research", tools=["t"]), "research"),
         (dict(verdict=Verdict.partial(0.3), request_type="chat", tools=["git"]), "tool_use"),
-        (dict(request_type="chat"), "general"),
+        (dict(request_type="chat"), "conversational"),
+        (dict(request_type="coding"), "code_generation"),
+        (dict(request_type="programming help"), "code_generation"),
+        (dict(request_type="analyze logs"), "research"),
+        (dict(request_type="creative"), "creative"),
+        (dict(tags=["conversation"]), "conversational"),
         (dict(), "general"),
     ],
 )
