@@ -290,8 +290,10 @@ def test_texts_use_singular_for_one_and_leave_out_empty_details():
     t = make_traj(steps, Verdict.recovered(rc, 1, 0.5))
     a = VerdictAnalyzer().analyze(t)
     assert a.contributing_factors == ["1 step failed", "1 step had low confidence"]
-    assert a.lessons == ["Avoid: push the branch", "Recovery possible with 1 reflection attempt"]
+    assert a.lessons == ["Successful pattern: summarise", "Recovery possible with 1 reflection attempt"]
     assert a.improvements[0] == "Improve confidence in 1 step: push the branch"
+    f = VerdictAnalyzer().analyze(make_traj(steps, Verdict.failure(rc)))
+    assert f.lessons == ["Avoid: push the branch"]  # an empty error leaves no dangling dash
 
 
 def test_failure_lesson_takes_the_error_of_the_failed_tool_step():
