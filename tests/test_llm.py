@@ -585,3 +585,65 @@ def test_cli_distill_openai_needs_a_base_url(tmp_path, small_log, capsys, monkey
     code, _, err = _cli(capsys, "distill", small_log, "--out", tmp_path / "o", "--extractor", "openai",
                         "--llm-model", "m", "--min-trajectories", "10", "-q")
     assert code != 0 and "--base-url" in err
+
+
+# ------------------------------------------------------------------------------------------ the bank
+def _hash_encoder(texts):
+    import zlib
+
+    rows = []
+    for s in texts:
+        g = torch.Generator().manual_seed(zlib.crc32(s.encode("utf-8")))
+        rows.append(torch.nn.functional.normalize(torch.randn(4, generator=g), dim=0))
+    return torch.stack(rows)
+
+
+def test_bank_stores_extracted_memory_items_as_patterns(tmp_path):
+    from rbank_torch import ReasoningBank, ReasoningBankConfig
+
+    fake = Scripted([json.dumps(GOOD_ITEMS)])
+    ex = LLMExtractor(fake)
+    bank = ReasoningBank(ReasoningBankConfig(embedding_dim=4, extractor=ex), embedder=_hash_encoder)
+    t = make_traj()
+    pid = bank.store_trajectory(t)
+    assert pid is not None and len(fake.prompts) == 1
+    mems = bank.search("Run tests first\nRun the tests before editing.", k=5)
+    by_text = {r.pattern.text: r.pattern for r in mems}
+    first = by_text["Run tests first\nRun the tests before editing."]
+    assert "Fix imports early\nImport errors hide other failures." in by_text
+    assert first.outcome == "success" and first.source_trajectories == [t.id]
+    assert first.lessons == ["When a change touches imports."] and first.metadata.source == "extractor"
+    assert first.metadata.attributes.get("request_type") == "coding"  # the run's attributes, for filters
+    assert torch.allclose(first.embedding, _hash_encoder([first.text])[0])
+    assert len(bank) == 3  # the trajectory's own pattern and two memories
+    # saved and loaded: the memories stay, the runtime extractor does not travel with the file
+    bank.save(tmp_path / "b.safetensors")
+    again = ReasoningBank.load(tmp_path / "b.safetensors")
+    assert again.config.extractor is None and len(again) == 3
+    assert {p.text for p in again.export_patterns()} >= set(by_text)
+
+
+def test_bank_with_a_failing_model_stores_the_rule_items_and_a_judged_verdict():
+    from rbank_torch import ReasoningBank, ReasoningBankConfig
+
+    judge = LLMJudge(Scripted(['{"verdict": "failure", "rationale": "tests never passed", '
+                               '"cause": {"type": "ToolFailure", "tool": "pytest", "error": "import error"}}']))
+    ex = LLMExtractor(Scripted(["```json\n{\"memories\": [{\"title\": \"cut"]), retries=0)
+    bank = ReasoningBank(ReasoningBankConfig(embedding_dim=4, judge=judge, extractor=ex), embedder=_hash_encoder)
+    t = make_traj(fail=True)
+    bank.store_trajectory(t)
+    assert t.verdict == Verdict.failure(RootCause.tool_failure("pytest", "import error")) and t.quality < 0.3
+    assert bank.stats().failure_count == 1 and ex.stats().failures == 1
+    pats = [p for p in bank.export_patterns() if p.metadata.source == "extractor"]
+    want = RuleExtractor().extract(t)
+    assert [p.text for p in pats] == [w.text for w in want] and want
+    assert all(p.outcome == "failure" and p.source_trajectories == [t.id] for p in pats)
+
+
+def test_bank_config_rejects_objects_that_are_not_judges_or_extractors():
+    from rbank_torch import ReasoningBank, ReasoningBankConfig
+
+    with pytest.raises(ValueError, match="extractor must have an extract"):
+        ReasoningBank(ReasoningBankConfig(embedding_dim=4, extractor="openai"), embedder=_hash_encoder)
+    with pytest.raises(ValueError, match="judge must have a judge"):
+        ReasoningBank(ReasoningBankConfig(embedding_dim=4, judge=42), embedder=_hash_encoder)
