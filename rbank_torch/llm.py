@@ -399,7 +399,8 @@ def _json_object(text: Any) -> Any:
     except json.JSONDecodeError as e:
         cut = e.msg.startswith("Unterminated") or e.pos >= len(s.rstrip()) - 1
         what = "truncated JSON" if cut else "malformed JSON"
-        raise LLMOutputError(f"{what} ({e.msg} at character {e.pos})") from None
+        msg = e.msg if e.msg.endswith(" at") else e.msg + " at"
+        raise LLMOutputError(f"{what}: {msg} character {e.pos} of {len(s)}") from None
     return value
 
 
