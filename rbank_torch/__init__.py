@@ -85,6 +85,21 @@ _EXPORTS = {
     "ReasoningBank": "bank",
     "format_memories": "bank",
     "RetrievalScoring": "retrieval",
+    # LLM in the loop
+    "MemoryItem": "llm",
+    "Judge": "llm",
+    "MemoryExtractor": "llm",
+    "Judgement": "llm",
+    "RuleJudge": "llm",
+    "RuleExtractor": "llm",
+    "LLMJudge": "llm",
+    "LLMExtractor": "llm",
+    "LLMStats": "llm",
+    "LLMError": "llm",
+    "LLMOutputError": "llm",
+    "ResponseCache": "llm",
+    "OpenAICompatible": "llm",
+    "TransformersPipeline": "llm",
     # snapshots and journal
     "SnapshotError": "snapshot",
     "JournalError": "journal",
@@ -116,6 +131,22 @@ if TYPE_CHECKING:  # static type checkers see the real names
     from .distributed import DistributedError
     from .ewc import EWCPlusPlus
     from .journal import JournalError, JournalTailWarning
+    from .llm import (
+        Judge,
+        Judgement,
+        LLMError,
+        LLMExtractor,
+        LLMJudge,
+        LLMOutputError,
+        LLMStats,
+        MemoryExtractor,
+        MemoryItem,
+        OpenAICompatible,
+        ResponseCache,
+        RuleExtractor,
+        RuleJudge,
+        TransformersPipeline,
+    )
     from .logs import LogFormatError
     from .patterns import Pattern, PatternCategory, PatternMetadata, PatternSearchResult
     from .retrieval import RetrievalScoring

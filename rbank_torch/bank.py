@@ -70,6 +70,10 @@ def _default_distillation_config() -> DistillationConfig:
     return DistillationConfig()
 
 
+#: configuration fields holding runtime objects (never written to a snapshot)
+_RUNTIME_FIELDS = ("judge", "extractor")
+
+
 @dataclass
 class ReasoningBankConfig:
     """Configuration of a :class:`ReasoningBank` (defaults of SPEC §6).
@@ -100,6 +104,13 @@ class ReasoningBankConfig:
     #: a trajectory below ``min_quality_threshold`` becomes an ``outcome="failure"`` pattern carrying its
     #: analysis's lessons (SPEC §7); False: it becomes no pattern (SPEC §6, the reference's behaviour)
     keep_failures: bool = True
+    #: decides the verdict of every stored trajectory (a :class:`rbank_torch.llm.Judge`, e.g. an ``LLMJudge``);
+    #: None: the verdict the trajectory carries. A runtime object: not saved with the bank (set it again after
+    #: :meth:`ReasoningBank.load`)
+    judge: Any = None
+    #: turns every stored trajectory into memory items (a :class:`rbank_torch.llm.MemoryExtractor`), each stored
+    #: as a pattern of its own (SPEC §8); None: none. A runtime object: not saved with the bank
+    extractor: Any = None
 
     def __post_init__(self) -> None:
         # SPEC §6: the bank's embedding_dim governs; it is written into pattern_config.embedding_dim
@@ -123,6 +134,12 @@ class ReasoningBankConfig:
         check_unit(self.min_quality_threshold, "min_quality_threshold")
         if not isinstance(self.keep_failures, bool):
             raise ValueError(f"keep_failures must be a bool, got {self.keep_failures!r}")
+        if self.judge is not None and not callable(getattr(self.judge, "judge", None)):
+            raise ValueError(f"judge must have a judge(trajectory) -> Verdict method, got {type(self.judge).__name__}")
+        if self.extractor is not None and not callable(getattr(self.extractor, "extract", None)):
+            raise ValueError(
+                f"extractor must have an extract(trajectory, verdict) method, got {type(self.extractor).__name__}"
+            )
         self.pattern_config.embedding_dim = self.embedding_dim
         if self.consolidation_interval_secs < 0:
             raise ValueError("consolidation_interval_secs must be >= 0")
@@ -132,7 +149,7 @@ class ReasoningBankConfig:
             self.distillation_config.validate()
 
     def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _RUNTIME_FIELDS}
         d["pattern_config"] = asdict(self.pattern_config)
         d["consolidation_config"] = asdict(self.consolidation_config)
         d["distillation_config"] = asdict(self.distillation_config)
@@ -571,6 +588,9 @@ class ReasoningBank:
         """
         t = trajectory
         self._validate_trajectory(t)
+        if self._config.judge is not None:
+            self._judge(t)
+        memories = self._memory_patterns(t) if self._config.extractor is not None else []
         pattern = None
         if t.quality >= self._config.min_quality_threshold:
             pattern = Pattern.from_trajectory(t)
@@ -600,7 +620,56 @@ class ReasoningBank:
                     stored = self._store.store_pattern(pattern)
                 except LowConfidenceError:
                     pass  # below the store's own min_confidence: the trajectory is kept, no pattern
+            for mp in memories:
+                self._store.store_pattern(mp)
         return stored
+
+    def _judge(self, t: Trajectory) -> None:
+        """The configured judge's verdict replaces the trajectory's (and its quality follows)."""
+        v = self._config.judge.judge(t)
+        if not isinstance(v, Verdict):
+            raise ValueError(f"judge must return a Verdict, got {type(v).__name__}")
+        if v != t.verdict:
+            t.verdict = v
+            t.quality = t.compute_quality()
+
+    def _memory_patterns(self, t: Trajectory) -> list[Pattern]:
+        """The configured extractor's memory items of ``t`` as patterns (SPEC §8): text = title + "\n" +
+        content (embedded by the bank's embedder), lessons = [description], outcome "success" when the
+        trajectory succeeded (Success or Recovered) else "failure", source trajectory ``t``, the trajectory's
+        category, tags and attributes, quality = the trajectory's (confidence at least the store's minimum).
+        An extractor that raises is logged and gives no items (the trajectory is stored all the same)."""
+        try:
+            items = list(self._config.extractor.extract(t, t.verdict))
+        except Exception as e:  # noqa: BLE001 - an extractor's failure never loses the trajectory
+            log.warning("memory extractor failed on trajectory %s (%s: %s); no memory items", t.id,
+                        type(e).__name__, e)
+            return []
+        for i, it in enumerate(items):
+            for name in ("title", "description", "content"):
+                if not isinstance(getattr(it, name, None), str):
+                    raise ValueError(f"extractor item {i}.{name} must be a string, got {getattr(it, name, None)!r}")
+        if not items:
+            return []
+        texts = [it.title + "\n" + it.content for it in items]
+        emb = self._encode(texts)  # [n, D]
+        outcome = "success" if t.is_success else "failure"
+        q = float(t.quality)
+        conf = min(1.0, max(q, float(self._store.config.min_confidence)))
+        base = Pattern.from_trajectory(t)
+        now = utcnow()
+        return [
+            Pattern(
+                id=next_id(), uuid=str(_uuid.uuid4()), embedding=emb[i].clone(), category=base.category,
+                confidence=conf, usage_count=1, success_count=1 if outcome == "success" else 0, avg_quality=q,
+                source_trajectories=[int(t.id)], lessons=[it.description], example_actions=[],
+                created_at=now, last_accessed=now,
+                metadata=PatternMetadata(tags=list(base.metadata.tags), source="extractor",
+                                         attributes=dict(base.metadata.attributes)),
+                text=texts[i], outcome=outcome,
+            )
+            for i, it in enumerate(items)
+        ]
 
     def _failure_pattern(self, t: Trajectory) -> Pattern:
         """A below-threshold trajectory as a preventive memory: outcome "failure", confidence

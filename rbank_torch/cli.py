@@ -1047,11 +1047,120 @@ def distill_summary(
     }
 
 
+def _llm_options(p: argparse.ArgumentParser) -> None:
+    """The options of ``rbank distill`` that put a model in the loop (rbank_torch.llm)."""
+    g = p.add_argument_group(
+        "LLM in the loop",
+        "A judge re-decides each run's verdict before distillation; an extractor writes memories.jsonl (title, "
+        "description, content per memory, with the run's id and outcome). 'openai' speaks the chat-completions "
+        "protocol to --base-url (OpenAI, vLLM, llama.cpp's server, Ollama; pip install 'rbank-torch[llm]'); an "
+        "answer that cannot be used gives the rule-based result for that run and is counted in summary.json.",
+    )
+    g.add_argument("--judge", choices=["rule", "openai"], default="rule",
+                   help="who decides the verdicts (default: rule, the verdict each run carries)")
+    g.add_argument("--extractor", choices=["none", "rule", "openai"], default="none",
+                   help="who writes memories.jsonl (default: none, no file)")
+    g.add_argument("--base-url", metavar="URL", default=os.environ.get("OPENAI_BASE_URL"),
+                   help="chat-completions endpoint, e.g. http://127.0.0.1:8000/v1 (default: $OPENAI_BASE_URL)")
+    g.add_argument("--llm-model", metavar="NAME",
+                   help="the chat model's name at --base-url (when left out, --model names it and the text model is "
+                        "the default one)")
+    g.add_argument("--api-key-env", metavar="VAR", default="OPENAI_API_KEY",
+                   help="environment variable holding the API key (default: OPENAI_API_KEY; local servers need none)")
+    g.add_argument("--llm-timeout", type=float, default=60.0, metavar="S", help="seconds per request (default: 60)")
+    g.add_argument("--llm-concurrency", type=int, default=4, metavar="N", help="requests in flight (default: 4)")
+    g.add_argument("--llm-retries", type=int, default=2, metavar="N",
+                   help="retries of a failed request, with backoff (default: 2)")
+    g.add_argument("--llm-cache", metavar="FILE",
+                   help="answers cache, JSON lines; a re-run over the same logs makes no new requests "
+                        "(default: DIR/llm-cache.jsonl)")
+    g.add_argument("--max-items", type=int, default=3, metavar="N", help="memories per run at most (default: 3)")
+
+
+def _llm_from_args(args: argparse.Namespace, out_dir: Path) -> tuple[Any, Any]:
+    """``(judge, extractor)`` of ``rbank distill``'s options: None for the rule judge / no extractor."""
+    judge_kind = getattr(args, "judge", "rule")
+    ex_kind = getattr(args, "extractor", "none")
+    if judge_kind == "rule" and ex_kind == "none":
+        return None, None
+    from .llm import LLMExtractor, LLMJudge, OpenAICompatible, ResponseCache, RuleExtractor
+
+    for name, lo in (("--llm-concurrency", 1), ("--llm-retries", 0), ("--max-items", 1)):
+        v = getattr(args, name[2:].replace("-", "_"))
+        if v < lo:
+            raise UsageError(f"{name} must be >= {lo}, got {v}")
+    if not args.llm_timeout > 0:
+        raise UsageError(f"--llm-timeout must be > 0, got {args.llm_timeout}")
+    complete = None
+    if "openai" in (judge_kind, ex_kind):
+        model = args.llm_model
+        if model is None and args.model is not None:
+            model, args.model = args.model, None  # --model names the chat model; the text model is the default
+        if not args.base_url:
+            raise UsageError("--judge/--extractor openai need --base-url (or $OPENAI_BASE_URL)")
+        if not model:
+            raise UsageError("--judge/--extractor openai need --llm-model (or --model)")
+        from .backends import MissingBackendError
+
+        try:
+            complete = OpenAICompatible(args.base_url, model, api_key=os.environ.get(args.api_key_env),
+                                        timeout=args.llm_timeout)
+        except MissingBackendError as e:
+            raise CliError(str(e)) from None
+    cache = ResponseCache(args.llm_cache or out_dir / "llm-cache.jsonl")
+    kw: dict[str, Any] = dict(cache=cache, max_workers=args.llm_concurrency, retries=args.llm_retries)
+    judge = LLMJudge(complete, **kw) if judge_kind == "openai" and complete is not None else None
+    extractor: Any = None
+    if ex_kind == "openai" and complete is not None:
+        extractor = LLMExtractor(complete, max_items=args.max_items, **kw)
+    elif ex_kind == "rule":
+        extractor = RuleExtractor()
+    return judge, extractor
+
+
+def _llm_stats(obj: Any) -> dict[str, Any] | None:
+    return obj.stats().to_dict() if obj is not None and hasattr(obj, "stats") else None
+
+
+def _llm_batch(ts: list[Any], judge: Any, extractor: Any, mem_f: Any, bar: Any) -> int:
+    """Judge (verdict and quality replaced) and/or extract one batch of trajectories, streaming; returns the
+    number of memories written."""
+    if judge is not None:
+        for t, j in zip(ts, judge.iter_assess(ts)):
+            if j.verdict != t.verdict:
+                t.verdict = j.verdict
+                t.quality = t.compute_quality()
+            if bar is not None and extractor is None:
+                bar.update(1)
+    n = 0
+    if extractor is not None:
+        items_of = (extractor.iter_extract(ts) if hasattr(extractor, "iter_extract")
+                    else (extractor.extract(t) for t in ts))
+        lines = []
+        for t, items in zip(ts, items_of):
+            outcome = "success" if t.is_success else "failure"
+            for it in items:
+                lines.append(json.dumps({"trajectory_id": int(t.id), "outcome": outcome,
+                                         "verdict": t.verdict.kind.value, **it.to_dict()},
+                                        ensure_ascii=False, separators=(",", ":")))
+                n += 1
+            if bar is not None:
+                bar.update(1)
+                st = extractor.stats() if hasattr(extractor, "stats") else None
+                if st is not None:
+                    bar.set_postfix(calls=st.calls, cached=st.cache_hits, failed=st.failures, refresh=False)
+        if lines:
+            mem_f.write("\n".join(lines) + "\n")
+    return n
+
+
 def _cmd_distill(args: argparse.Namespace) -> int:
     # --- torchrun: several ranks share the work (rbank_torch.distributed.cli_distill) ---
     from .distributed import cli_distill, launched_by_torchrun
 
     if launched_by_torchrun():
+        if getattr(args, "judge", "rule") != "rule" or getattr(args, "extractor", "none") != "none":
+            raise UsageError("--judge/--extractor run in one process; leave them out under torchrun")
         return cli_distill(args)
     # --- end of the torchrun branch ---
     import numpy as np
@@ -1066,6 +1175,9 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = dict(DISTILL_FILES)
+    judge, extractor = _llm_from_args(args, out_dir)
+    if extractor is not None:
+        names["memories"] = "memories.jsonl"
     tmp = {k: out_dir / f".{v}.partial" for k, v in names.items()}
     distiller = MemoryDistiller(cfg)
     embedder = _LazyEmbedder(args.model, args.device, args.batch_size, out)
@@ -1073,7 +1185,10 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     reporter = _BadLineReporter(out, path=getattr(args, "bad_lines", None))
     appender = _SafetensorsAppender(tmp["compressed_embeddings"])
     comp_f = open(tmp["compressed"], "w", encoding="utf-8", buffering=1 << 20)  # noqa: SIM115
-    n_comp = 0
+    mem_f = open(tmp["memories"], "w", encoding="utf-8") if extractor is not None else None  # noqa: SIM115
+    n_comp = n_mem = 0
+    llm_bar = (out.bar(unit="run", desc="llm", position=1)
+               if judge is not None or hasattr(extractor, "iter_extract") else None)
     t0 = time.perf_counter()
     ok = False
     try:
@@ -1082,6 +1197,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
                 args.logs, chunk_size=args.chunk_size, skip_bad=args.skip_bad, embed=embedder, stats=stats,
                 on_error=reporter,
             ):
+                if judge is not None or extractor is not None:
+                    n_mem += _llm_batch(batch.trajectories, judge, extractor, mem_f, llm_bar)
                 distiller.add(batch.trajectories)
                 cts = _take_compressed(distiller)
                 if cts:
@@ -1104,6 +1221,10 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         except DistillationError as e:
             raise CliError(f"cannot distil: {e} (lower it with --min-trajectories)") from None
         comp_f.close()
+        if mem_f is not None:
+            mem_f.close()
+        if llm_bar is not None:
+            llm_bar.close()
         dim = appender.dim or (int(result.key_lessons[0].embedding.shape[0]) if result.key_lessons else 0)
         appender.close({"format": "rbank_torch.distill.compressed", "rows": str(n_comp), "dim": str(dim)})
         write_lesson_files(tmp["lessons"], tmp["lesson_embeddings"], result.key_lessons, dim)
@@ -1112,12 +1233,22 @@ def _cmd_distill(args: argparse.Namespace) -> int:
             [str(p) for p in args.logs], result, n_comp, stats.lines, stats.bad_lines, stats.errors,
             stats.embedded_from_text, args.model, dim, read_s, elapsed, cfg,
         )
+        if judge is not None or extractor is not None:
+            summary["files"] = dict(names)
+            summary["llm"] = {
+                "judge": getattr(args, "judge", "rule"), "extractor": getattr(args, "extractor", "none"),
+                "memories": n_mem, "judge_stats": _llm_stats(judge), "extractor_stats": _llm_stats(extractor),
+            }
         tmp["summary"].write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         for k, v in names.items():
             os.replace(tmp[k], out_dir / v)
         ok = True
     finally:
         if not ok:
+            if mem_f is not None and not mem_f.closed:
+                mem_f.close()
+            if llm_bar is not None:
+                llm_bar.close()
             if not comp_f.closed:
                 comp_f.close()
             if not appender.f.closed:
@@ -1137,6 +1268,14 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         out.say(f"  [{lesson.observation_count:>6}x] {lesson.content}")
     if stats.bad_lines:
         out.say(f"  {stats.bad_lines} bad line(s) skipped")
+    if "llm" in summary:
+        for role in ("judge", "extractor"):
+            st = summary["llm"][f"{role}_stats"]
+            if st is not None:
+                out.say(f"  {role}: {st['calls']} calls, {st['cache_hits']} cached, {st['failures']} failed "
+                        f"(rule-based result used), {st['prompt_tokens']}+{st['completion_tokens']} tokens")
+        if extractor is not None:
+            out.say(f"  {n_mem} memories -> {out_dir / names['memories']}")
     return 0
 
 
@@ -1375,6 +1514,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-dedup", action="store_true", help="keep near-duplicate lessons apart")
     g.add_argument("--dedup-threshold", type=float, default=0.85, metavar="T",
                    help="0.6*word-Jaccard + 0.4*cosine above which lessons merge (default: 0.85)")
+    _llm_options(p)
     p.set_defaults(func=_cmd_distill)
 
     p = sub.add_parser(

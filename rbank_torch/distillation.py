@@ -37,7 +37,7 @@ from .categories import category_name
 from .dedup import cosine_of_record, greedy_dedup, jaccard_of_record, words_of
 from .patterns import BUILTIN_CATEGORIES, PatternCategory
 from .trajectory import StepOutcomeKind, Trajectory
-from .verdicts import Verdict, VerdictKind
+from .verdicts import Verdict, VerdictKind, failure_lesson
 
 __all__ = [
     "DistillationError",
@@ -57,6 +57,9 @@ __all__ = [
 TRAJECTORY_OVERHEAD_BYTES = 256
 STEP_OVERHEAD_BYTES = 96
 COMPRESSED_OVERHEAD_BYTES = 128
+#: the lesson of every Recovered trajectory: one text whatever the number of attempts, so that all
+#: recoveries count as observations of one lesson instead of one near-duplicate per attempt count
+RECOVERY_LESSON = "Recovery possible via reflection"
 #: most example actions a lesson keeps
 MAX_EXAMPLE_ACTIONS = 10
 _Q_SCALE = 1 << 32  # quality fixed point: one unit = 2**-32
@@ -746,9 +749,9 @@ class _Accumulator:
             if is_succ and succ_actions:
                 gen.append(("Successful pattern: " + " -> ".join(succ_actions[:3]), 5))
             if kind is _V_FAILURE:
-                gen.append((f"Avoid: {v.cause}", 8))
+                gen.append((failure_lesson(v.cause, t.steps), 8))  # type: ignore[arg-type]
             elif kind is _V_RECOVERED:
-                gen.append((f"Recovery possible after {v.attempts} attempts via reflection", 9))
+                gen.append((RECOVERY_LESSON, 9))
             tpos = len(t_id)
             t_id.append(t.id)
             t_succ.append(1 if is_succ else 0)

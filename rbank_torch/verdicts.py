@@ -10,8 +10,10 @@ from typing import TYPE_CHECKING
 from ._util import check_finite_number
 
 if TYPE_CHECKING:  # pragma: no cover
+    from collections.abc import Sequence
+
     from .patterns import PatternCategory
-    from .trajectory import Trajectory
+    from .trajectory import Trajectory, TrajectoryStep
 
 __all__ = [
     "ReasoningErrorType",
@@ -23,6 +25,9 @@ __all__ = [
     "VerdictAnalysis",
     "VerdictAnalyzerStats",
     "VerdictAnalyzer",
+    "plural",
+    "failed_step_lesson",
+    "failure_lesson",
 ]
 
 
@@ -111,22 +116,29 @@ class RootCause:
         return cls("Unknown", details=str(details))
 
     def __str__(self) -> str:
+        # an empty detail leaves its separator out ("Tool 'git' failed", not "Tool 'git' failed: ")
         t = self.cause_type
         if t == "InsufficientContext":
-            return f"Insufficient context: missing {', '.join(self.missing)}"
+            missing = ", ".join(m for m in self.missing if m.strip())
+            return "Insufficient context" + (f": missing {missing}" if missing else "")
         if t == "InvalidInput":
-            return f"Invalid input: {self.details}"
+            return _with("Invalid input", self.details)
         if t == "ToolFailure":
-            return f"Tool '{self.tool}' failed: {self.error}"
+            return _with(f"Tool '{self.tool}' failed" if self.tool.strip() else "A tool failed", self.error)
         if t == "ReasoningError":
-            return f"Reasoning error ({self.error_type}): {self.description}"
+            return _with(f"Reasoning error ({self.error_type})" if self.error_type else "Reasoning error",
+                         self.description)
         if t == "ResourceConstraint":
-            return f"Resource constraint: {self.resource} exceeded {self.limit}"
+            res, lim = self.resource.strip(), self.limit.strip()
+            if res and lim:
+                return f"Resource constraint: {res} exceeded {lim}"
+            return _with("Resource constraint", res or (f"limit {lim} exceeded" if lim else ""))
         if t == "ExternalFailure":
-            return f"External failure ({self.service}): {self.error}"
+            return _with(f"External failure ({self.service})" if self.service.strip() else "External failure",
+                         self.error)
         if t == "CapabilityLimit":
-            return f"Capability limit: {self.limitation}"
-        return f"Unknown failure: {self.details}"
+            return _with("Capability limit", self.limitation)
+        return _with("Unknown failure", self.details)
 
     def to_dict(self) -> dict:
         """JSON-ready form (only the fields this cause uses)."""
@@ -171,6 +183,17 @@ class VerdictKind(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """``"1 step"``, ``"2 steps"``: the count and the word in the right number."""
+    return f"{n} {word if n == 1 else (words or word + 's')}"
+
+
+def _with(text: str, detail: str) -> str:
+    """``text: detail``, or ``text`` alone when the detail is empty (no dangling colon)."""
+    detail = detail.strip()
+    return f"{text}: {detail}" if detail else text
 
 
 def _clamp01(x: float, name: str) -> float:
@@ -245,7 +268,7 @@ class Verdict:
             return f"Failure: {self.cause}"
         if self.kind is VerdictKind.PARTIAL:
             return f"Partial: {self.completion_ratio * 100:.0f}% complete"
-        return f"Recovered after {self.attempts} attempts, quality {self.final_quality * 100:.0f}%"
+        return f"Recovered after {plural(self.attempts, 'attempt')}, quality {self.final_quality * 100:.0f}%"
 
     def root_cause(self) -> RootCause | None:
         """The Failure's cause, or the Recovered's original cause."""
@@ -427,10 +450,10 @@ class VerdictAnalyzer:
         factors: list[str] = []
         failed = [s for s in steps if s.outcome.is_failure]
         if failed:
-            factors.append(f"{len(failed)} steps failed")
+            factors.append(f"{plural(len(failed), 'step')} failed")
         low = sum(1 for s in steps if s.confidence < 0.5)
         if low:
-            factors.append(f"{low} steps had low confidence")
+            factors.append(f"{plural(low, 'step')} had low confidence")
         for s in steps:
             if s.outcome.kind is StepOutcomeKind.NEEDS_RETRY:
                 factors.append(f"Step '{s.action}' needed retry: {s.outcome.reason}")
@@ -458,9 +481,9 @@ class VerdictAnalyzer:
                 lessons.append("Successful pattern: " + " -> ".join(ok))
         else:
             for s in failed:
-                lessons.append(f"Avoid: {s.action} - {s.outcome.error}")
+                lessons.append(failed_step_lesson(s))
         if verdict.kind is VerdictKind.RECOVERED:
-            lessons.append(f"Recovery possible with {verdict.attempts} reflection attempts")
+            lessons.append(f"Recovery possible with {plural(verdict.attempts, 'reflection attempt')}")
 
         actions = [s.action.lower() for s in steps]
 
@@ -492,7 +515,7 @@ class VerdictAnalyzer:
         improvements: list[str] = []
         unsure = [s.action for s in steps if s.confidence < 0.6]
         if unsure:
-            improvements.append(f"Improve confidence in {len(unsure)} steps: {', '.join(unsure[:3])}")
+            improvements.append(f"Improve confidence in {plural(len(unsure), 'step')}: {', '.join(unsure[:3])}")
         if len(steps) > 2 and not any_action("verify", "check"):
             improvements.append("Consider adding verification steps")
         if verdict.kind is VerdictKind.FAILURE and not any(
@@ -513,3 +536,32 @@ class VerdictAnalyzer:
             confidence=confidence,
             improvements=improvements,
         )
+
+
+def failed_step_lesson(step: TrajectoryStep) -> str:
+    """``"Avoid: <action> - <error>"`` for a failed step, naming its tool when one is recorded and not
+    already in the action (``"Avoid: push the branch (tool 'git') - rejected"``); no dash without an error."""
+    text = f"Avoid: {step.action}"
+    tool = step.metadata.tool_used if step.metadata is not None else None
+    if tool and tool.lower() not in step.action.lower():
+        text += f" (tool '{tool}')"
+    err = step.outcome.error.strip()
+    return f"{text} - {err}" if err else text
+
+
+def failure_lesson(cause: RootCause, steps: Sequence[TrajectoryStep] = ()) -> str:
+    """``"Avoid: <cause>"``; a tool failure whose cause records no error (or no tool) takes them from the
+    trajectory's failed step of that tool, so the lesson names both when the run recorded them."""
+    if cause.cause_type == "ToolFailure" and not (cause.error.strip() and cause.tool.strip()):
+        tool, err = cause.tool.strip(), cause.error.strip()
+        failed = [s for s in steps if s.outcome.is_failure]
+        same = [s for s in failed if s.metadata is not None and s.metadata.tool_used == tool] if tool else []
+        for s in same or failed:
+            if not tool and s.metadata is not None and s.metadata.tool_used:
+                tool = s.metadata.tool_used
+            if not err and s.outcome.error.strip():
+                err = s.outcome.error.strip()
+            if tool and err:
+                break
+        cause = RootCause.tool_failure(tool, err)
+    return f"Avoid: {cause}"

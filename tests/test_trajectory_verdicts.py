@@ -211,7 +211,7 @@ def test_analyzer_failure():
     t.total_latency_ms = 31_000
     a = VerdictAnalyzer().analyze(t)
     assert a.root_cause == cause
-    assert a.contributing_factors == ["2 steps failed", "1 steps had low confidence", "Long execution time"]
+    assert a.contributing_factors == ["2 steps failed", "1 step had low confidence", "Long execution time"]
     assert [p.id for p in a.failure_patterns] == ["context_gap", "tool_error"]
     assert [s.name for s in a.recovery_strategies] == ["Alternative Approach"]
     assert a.lessons == ["own lesson", "Avoid: search the web - timeout", "Avoid: execute script - exit 1"]
@@ -276,3 +276,34 @@ def test_analyzer_learn_and_add():
     assert [p.id for p in a.failure_patterns] == ["tool_error", "new"]  # replaced one no longer matches "execute"
     assert [s.name for s in a.recovery_strategies] == ["Ask"]
     assert StepOutcomeKind.NEEDS_RETRY.value == "needs_retry"
+
+
+def test_texts_use_singular_for_one_and_leave_out_empty_details():
+    rc = RootCause.tool_failure("git", "")
+    assert str(rc) == "Tool 'git' failed"  # no dangling colon
+    assert str(RootCause.external_failure("search api", "")) == "External failure (search api)"
+    assert str(RootCause.insufficient_context([])) == "Insufficient context"
+    assert str(RootCause.unknown("")) == "Unknown failure"
+    assert str(RootCause.resource_constraint("memory", "")) == "Resource constraint: memory"
+    assert Verdict.recovered(rc, 1, 0.85).description() == "Recovered after 1 attempt, quality 85%"
+    steps = [("push the branch", StepOutcome.failure(""), 0.4), ("summarise", StepOutcome.success(), 0.9)]
+    t = make_traj(steps, Verdict.recovered(rc, 1, 0.5))
+    a = VerdictAnalyzer().analyze(t)
+    assert a.contributing_factors == ["1 step failed", "1 step had low confidence"]
+    assert a.lessons == ["Successful pattern: summarise", "Recovery possible with 1 reflection attempt"]
+    assert a.improvements[0] == "Improve confidence in 1 step: push the branch"
+    f = VerdictAnalyzer().analyze(make_traj(steps, Verdict.failure(rc)))
+    assert f.lessons == ["Avoid: push the branch"]  # an empty error leaves no dangling dash
+
+
+def test_failure_lesson_takes_the_error_of_the_failed_tool_step():
+    from rbank_torch.trajectory import StepMetadata
+    from rbank_torch.verdicts import failed_step_lesson, failure_lesson
+
+    t = make_traj([("push the branch", StepOutcome.failure("rejected: non-fast-forward"), 0.4)],
+                  Verdict.failure(RootCause.tool_failure("git", "")))
+    t.steps[0].metadata = StepMetadata(tool_used="git")
+    assert failure_lesson(t.verdict.cause, t.steps) == "Avoid: Tool 'git' failed: rejected: non-fast-forward"
+    assert failed_step_lesson(t.steps[0]) == "Avoid: push the branch (tool 'git') - rejected: non-fast-forward"
+    assert failure_lesson(RootCause.tool_failure("git", "")) == "Avoid: Tool 'git' failed"  # nothing to take
+    assert failure_lesson(RootCause.tool_failure("git", "boom"), t.steps) == "Avoid: Tool 'git' failed: boom"
