@@ -34,6 +34,7 @@ __all__ = [
     "FORMAT_VERSION",
     "write_snapshot",
     "read_snapshot",
+    "check_header",
     "encode_strings",
     "decode_strings",
     "atomic_write_bytes",
@@ -201,7 +202,7 @@ def write_snapshot(path: str | os.PathLike, fmt: str, tensors: Mapping[str, torc
     atomic_write_bytes(path, lambda f: f.write(blob))
 
 
-def _check_header(path: Path) -> None:
+def check_header(path: Path) -> None:
     """Tell a foreign file from a damaged snapshot before safetensors reads it.
 
     A safetensors file starts with an 8-byte little-endian header length followed by a JSON object, so
@@ -235,7 +236,7 @@ def read_snapshot(path: str | os.PathLike, fmt: str) -> tuple[dict[str, torch.Te
     path = Path(path)
     if not path.is_file():
         raise SnapshotError(f"{path}: no such snapshot file")
-    _check_header(path)
+    check_header(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
