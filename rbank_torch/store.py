@@ -1418,6 +1418,7 @@ class PatternStore:
                 "total_searches": self._total_searches,
                 "search_time_ms": self._search_time_ms,
                 "count": len(rl),
+                "outcomes": True,  # the outcome column is present (snapshots before it had none)
             }
             # the approximate search index, labels mapped to positions of this saved order
             ann_t, ann_meta = self._backend.state_tensors(prefix, rows)
@@ -1465,7 +1466,7 @@ class PatternStore:
         codes = cols["category_code"]
         if count and (int(codes.min()) < 0 or int(codes.max()) >= len(names)):
             raise SnapshotError("corrupt snapshot: category code out of range")
-        if prefix + "outcome" in tensors:
+        if prefix + "outcome" in tensors or meta.get("outcomes"):
             outcome = expect_tensor(tensors, prefix + "outcome", torch.int8, (count,))
             if count and (int(outcome.min()) < 0 or int(outcome.max()) >= len(OUTCOMES)):
                 raise SnapshotError("corrupt snapshot: outcome code out of range")

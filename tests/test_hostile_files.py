@@ -251,7 +251,7 @@ def test_foreign_safetensors(good_snapshot, tmp_path):
 # ---------------------------------------------------------------------------------------------- content
 _OTHER_DTYPE = {
     torch.float32: torch.float64, torch.float64: torch.float32, torch.int64: torch.int32,
-    torch.int32: torch.int64, torch.uint8: torch.int16,
+    torch.int32: torch.int64, torch.uint8: torch.int16, torch.int8: torch.int16,
 }
 
 
