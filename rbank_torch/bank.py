@@ -798,13 +798,13 @@ class ReasoningBank:
                         self._store.touch(hit)
         return sc, ids
 
-    def get(self, pattern_id: int) -> Pattern | None:
+    def get(self, id: int) -> Pattern | None:  # noqa: A002 - SPEC §7 name
         """A copy of the pattern with this id, or None."""
-        return self._store.get_pattern(pattern_id)
+        return self._store.get_pattern(id)
 
-    def remove(self, ids: int | Iterable[int]) -> int:
+    def remove(self, id_or_ids: int | Iterable[int]) -> int:
         """Remove one pattern or many; returns how many were stored."""
-        id_list = [ids] if isinstance(ids, int) else list(ids)
+        id_list = [id_or_ids] if isinstance(id_or_ids, int) else list(id_or_ids)
         for i in id_list:
             if isinstance(i, bool) or not isinstance(i, int):
                 raise ValueError(f"ids must be integers, got {i!r}")
@@ -813,7 +813,7 @@ class ReasoningBank:
 
     def update(
         self,
-        pattern_id: int,
+        id: int,  # noqa: A002 - SPEC §7 name
         *,
         text: str | None = None,
         lessons: Sequence[str] | None = None,
@@ -836,7 +836,7 @@ class ReasoningBank:
         elif text is not None:
             emb = self._encode([text])[0]
         with self._op("update"):
-            p = self._store.get_pattern(pattern_id)
+            p = self._store.get_pattern(id)
             if p is None:
                 return False
             if text is not None:
