@@ -590,9 +590,10 @@ class PatternStore:
             if not attrs:
                 continue
             for key, v in attrs.items():
-                acol = self._attrs.get(key)
-                if acol is None:
-                    acol = self._attrs[key] = AttributeColumn(self._cap, self.device)
+                found = self._attrs.get(key)
+                if found is None:
+                    found = self._attrs[key] = AttributeColumn(self._cap, self.device)
+                acol = found
                 rows_l, codes_l, nums_l = per_key.setdefault(key, ([], [], []))
                 rows_l.append(r)
                 codes_l.append(acol.code(v))
@@ -1192,8 +1193,10 @@ class PatternStore:
         with self._lock:
             self._flush()
             if plan is not None:
-                rows, sc = self._rows_of_ids(ids_raw, s_raw, qsq, mask, pool)
-                if rows is None:  # the index could not supply enough matching rows: exact search answers
+                got, sc = self._rows_of_ids(ids_raw, s_raw, qsq, mask, pool)
+                if got is not None:
+                    rows = got
+                else:  # the index could not supply enough matching rows: exact search answers
                     mask = self._mask(filters) if filters is not None else None
                     matching = int(mask.sum()) if mask is not None else len(self)
                     pool = min(pool, matching)
