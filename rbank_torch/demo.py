@@ -70,7 +70,7 @@ def run(n: int = 3000, seed: int = 0, out: str | None = None, quiet: bool = Fals
 
     t0 = time.perf_counter()
     trajectories = _build(tasks, embs)
-    bank = ReasoningBank(ReasoningBankConfig(embedding_dim=embedder.dim))
+    bank = ReasoningBank(ReasoningBankConfig(embedding_dim=embedder.dim), embedder=embedder)
     for t in trajectories:
         bank.store_trajectory(t)
     timings["record + store"] = time.perf_counter() - t0
@@ -92,17 +92,17 @@ def run(n: int = 3000, seed: int = 0, out: str | None = None, quiet: bool = Fals
 
     t0 = time.perf_counter()
     answers = {}
-    qe = embedder.encode(QUESTIONS)
-    for q, e in zip(QUESTIONS, qe):
-        res = bank.search_similar(e, 3)
+    qe = embedder.encode(QUESTIONS)  # [Q, D]: the snapshot check below compares batched answers
+    for q in QUESTIONS:
+        res = bank.search(q, k=3, dedup="text")  # text in; one memory per distinct task text
         answers[q] = res
         say(f"\n? {q}")
         for r in res:
             p = r.pattern
-            traj_query = next((t.metadata.attributes["query"] for t in trajectories if t.id in p.source_trajectories), "")
+            mark = " (failed: avoid)" if p.outcome == "failure" else ""
             lesson = p.lessons[0] if p.lessons else "-"
             say(
-                f"  {r.rank + 1}. sim {r.similarity:.3f} [{p.category}] \"{traj_query}\" "
+                f"  {r.rank + 1}. sim {r.similarity:.3f} [{p.category}] \"{p.text}\"{mark} "
                 f"quality {p.avg_quality:.2f}; steps: {' -> '.join(p.example_actions[:3])}; lesson: {lesson}"
             )
     timings["search"] = time.perf_counter() - t0
