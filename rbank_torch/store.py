@@ -1193,11 +1193,12 @@ class PatternStore:
         with self._lock:
             self._flush()
             if plan is not None:
+                if mask is not None:  # rows may have moved while the index searched outside the lock
+                    mask = self._mask(filters)  # type: ignore[arg-type]
                 got, sc = self._rows_of_ids(ids_raw, s_raw, qsq, mask, pool)
                 if got is not None:
                     rows = got
                 else:  # the index could not supply enough matching rows: exact search answers
-                    mask = self._mask(filters) if filters is not None else None
                     matching = int(mask.sum()) if mask is not None else len(self)
                     pool = min(pool, matching)
                     sc, rows = self._candidates(qp, qsq, pool, mask, scoring, matching)
