@@ -536,7 +536,7 @@ class ResponseCache:
             return self._mem.get(key)
 
     def put(self, key: str, output: str, usage: Usage | None = None) -> None:
-        rec = {"key": key, "output": output}
+        rec: dict[str, Any] = {"key": key, "output": output}
         if usage is not None:
             rec["prompt_tokens"] = usage.prompt_tokens
             rec["completion_tokens"] = usage.completion_tokens
