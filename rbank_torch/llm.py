@@ -493,33 +493,43 @@ def parse_memory_items(text: str, max_items: int = 3) -> list[MemoryItem]:
 
 
 class ResponseCache:
-    """Model answers by content hash, kept in memory and (with a ``path``) appended to a JSON-lines file.
+    """Usable model answers by content hash, in memory or (with a ``path``) in a JSON-lines file.
 
-    Each line is ``{"key": sha256 hex, "output": text, "prompt_tokens": n, "completion_tokens": n}``. A
-    line that cannot be read (a crash cut the last one) is skipped and counted in :attr:`bad_lines`.
-    Thread-safe; only plain JSON is read, nothing is ever executed.
+    Each line is ``{"key": sha256 hex, "output": text, "prompt_tokens": n, "completion_tokens": n}``. With a
+    file, only the keys and their line offsets stay in memory (about 100 bytes an answer) and an answer is
+    read back when asked for. A line that cannot be read (a crash cut the last one) is skipped and counted in
+    :attr:`bad_lines`. Thread-safe; only plain JSON is read, nothing is ever executed.
     """
 
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
         self.path = Path(path) if path is not None else None
         self._mem: dict[str, tuple[str, Usage | None]] = {}
+        self._offsets: dict[str, tuple[int, int]] = {}  # key -> (offset, length) of its line in the file
         self._lock = threading.Lock()
         self.bad_lines = 0
         if self.path is not None and self.path.exists():
-            with open(self.path, encoding="utf-8") as f:
+            with open(self.path, "rb") as f:
+                pos = 0
                 for line in f:
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                        key, out = rec["key"], rec["output"]
-                        if not isinstance(key, str) or not isinstance(out, str):
-                            raise TypeError
-                        pt, ct = int(rec.get("prompt_tokens", 0)), int(rec.get("completion_tokens", 0))
-                    except (ValueError, KeyError, TypeError):
-                        self.bad_lines += 1
-                        continue
-                    self._mem[key] = (out, Usage(pt, ct) if (pt or ct) else None)
+                    n = len(line)
+                    rec = self._decode(line)
+                    if rec is None:
+                        self.bad_lines += int(bool(line.strip()))
+                    else:
+                        self._offsets.setdefault(rec[0], (pos, n))
+                    pos += n
+
+    @staticmethod
+    def _decode(line: bytes) -> tuple[str, str, Usage | None] | None:
+        try:
+            rec = json.loads(line)
+            key, out = rec["key"], rec["output"]
+            if not isinstance(key, str) or not isinstance(out, str):
+                return None
+            pt, ct = int(rec.get("prompt_tokens", 0)), int(rec.get("completion_tokens", 0))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None
+        return key, out, (Usage(pt, ct) if (pt or ct) else None)
 
     @staticmethod
     def key(*parts: str) -> str:
@@ -532,26 +542,47 @@ class ResponseCache:
         return h.hexdigest()
 
     def get(self, key: str) -> tuple[str, Usage | None] | None:
+        """``(answer, usage)`` stored under ``key``, or None."""
         with self._lock:
-            return self._mem.get(key)
+            if self.path is None:
+                return self._mem.get(key)
+            at = self._offsets.get(key)
+            if at is None:
+                return None
+            with open(self.path, "rb") as f:
+                f.seek(at[0])
+                rec = self._decode(f.read(at[1]))
+        return None if rec is None or rec[0] != key else (rec[1], rec[2])
 
     def put(self, key: str, output: str, usage: Usage | None = None) -> None:
+        """Keep ``output`` under ``key`` (a key already present is left as it is)."""
         rec: dict[str, Any] = {"key": key, "output": output}
         if usage is not None:
             rec["prompt_tokens"] = usage.prompt_tokens
             rec["completion_tokens"] = usage.completion_tokens
         with self._lock:
-            if key in self._mem:
+            if self.path is None:
+                self._mem.setdefault(key, (output, usage))
                 return
-            self._mem[key] = (output, usage)
-            if self.path is not None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                with open(self.path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            if key in self._offsets:
+                return
+            line = (json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "ab") as f:
+                f.seek(0, os.SEEK_END)
+                pos = f.tell()
+                if pos > 0:  # a line cut by a crash is closed first, so this one starts on its own line
+                    with open(self.path, "rb") as r:
+                        r.seek(pos - 1)
+                        if r.read(1) != b"\n":
+                            f.write(b"\n")
+                            pos += 1
+                f.write(line)
+            self._offsets[key] = (pos, len(line))
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._mem)
+            return len(self._mem) if self.path is None else len(self._offsets)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -588,7 +619,7 @@ class _LLMBase:
         self,
         complete: Complete,
         *,
-        cache: ResponseCache | str | os.PathLike[str] | None = None,
+        cache: ResponseCache | str | os.PathLike[str] | bool | None = True,
         model_id: str | None = None,
         max_workers: int = 4,
         retries: int = 2,
@@ -607,7 +638,16 @@ class _LLMBase:
         if timeout_s is not None and (not isinstance(timeout_s, (int, float)) or timeout_s <= 0):
             raise ValueError(f"timeout_s must be a number > 0 or None, got {timeout_s!r}")
         self.complete = complete
-        self.cache = cache if isinstance(cache, ResponseCache) or cache is None else ResponseCache(cache)
+        if cache is True:
+            self.cache: ResponseCache | None = ResponseCache()
+        elif cache is None or cache is False:
+            self.cache = None
+        elif isinstance(cache, ResponseCache):
+            self.cache = cache
+        elif isinstance(cache, (str, os.PathLike)):
+            self.cache = ResponseCache(cache)
+        else:
+            raise ValueError(f"cache must be True, False/None, a path or a ResponseCache, got {type(cache).__name__}")
         self.model_id = model_id if model_id is not None else str(getattr(complete, "model_id", ""))
         self.max_workers = max_workers
         self.retries = retries
@@ -635,14 +675,15 @@ class _LLMBase:
             self._stats.failures += 1
             self._errors.append(LLMError(int(t.id), message))
 
-    def _ask(self, prompt: str) -> str:
-        """The model's answer to ``prompt``: from the cache, else from ``complete`` (retried with backoff)."""
+    def _ask(self, prompt: str, parse: Callable[[str], _R]) -> _R:
+        """``parse`` of the model's answer to ``prompt``: from the cache, else from ``complete`` (retried with
+        backoff). Only an answer that parses is cached, so a re-run asks again where the model failed."""
         key = ResponseCache.key(self.prompt_version, self.model_id, prompt) if self.cache is not None else ""
         if self.cache is not None:
             hit = self.cache.get(key)
             if hit is not None:
                 self._count(cache_hits=1)
-                return hit[0]
+                return parse(hit[0])
         delay = self.backoff_s
         for attempt in range(self.retries + 1):
             self._count(calls=1, prompt_chars=len(prompt))
@@ -661,9 +702,10 @@ class _LLMBase:
             usage = _last_usage(self.complete)
             if usage is not None:
                 self._count(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens)
+            result = parse(out)
             if self.cache is not None:
                 self.cache.put(key, out, usage)
-            return out
+            return result
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _map(self, fn: Callable[[_T], _R], items: Iterable[_T]) -> Iterator[_R]:
@@ -702,7 +744,9 @@ class LLMJudge(_LLMBase):
         complete: any ``str -> str`` callable (an :class:`OpenAICompatible`, a
             :class:`TransformersPipeline`, a function of yours).
         fallback: the judge used for a trajectory whose answer fails (default :class:`RuleJudge`).
-        cache: a :class:`ResponseCache` or the path of its JSON-lines file (None: no cache).
+        cache: True (default): answers kept in memory for this object's life; a path: kept in that JSON-lines
+            file (re-runs in new processes make no calls); a :class:`ResponseCache` (shared); None or False:
+            no cache.
         model_id: part of the cache key (default: ``complete.model_id`` when it has one, else "").
         max_workers: concurrent calls in :meth:`judge_many`.
         retries: further tries when ``complete`` raises or times out (backoff ``backoff_s``, doubling).
@@ -724,7 +768,7 @@ class LLMJudge(_LLMBase):
     def assess(self, trajectory: Trajectory) -> Judgement:
         """The verdict and rationale of one trajectory (the fallback's verdict on any failure)."""
         try:
-            verdict, rationale = parse_judgement(self._ask(judge_prompt(trajectory)))
+            verdict, rationale = self._ask(judge_prompt(trajectory), parse_judgement)
             return Judgement(verdict, rationale, from_model=True)
         except Exception as e:
             msg = _describe(e)
@@ -763,7 +807,8 @@ class LLMExtractor(_LLMBase):
 
     def extract(self, trajectory: Trajectory, verdict: Verdict | None = None) -> list[MemoryItem]:
         try:
-            return parse_memory_items(self._ask(extract_prompt(trajectory, verdict, self.max_items)), self.max_items)
+            n = self.max_items
+            return self._ask(extract_prompt(trajectory, verdict, n), lambda text: parse_memory_items(text, n))
         except Exception as e:
             self._fail(trajectory, _describe(e))
             return self.fallback.extract(trajectory, verdict)

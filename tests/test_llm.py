@@ -320,22 +320,31 @@ def test_disk_cache_makes_reruns_free(tmp_path):
     assert b.extract_many(ts) == out_a
     s = b.stats()
     assert second.prompts == [] and (s.calls, s.cache_hits, s.failures) == (0, 5, 0)
-    assert b.cache is not None and b.cache.bad_lines == 1
+    assert b.cache is not None and b.cache.bad_lines == 1 and len(b.cache) == 5
     # another prompt version or model is another key
     c = LLMExtractor(Scripted([json.dumps(GOOD_ITEMS)]), cache=path, model_id="other-model")
     c.extract(ts[0])
     assert c.stats().calls == 1
+    # the new answer went on a line of its own after the cut one: the file reads back whole
+    d = ResponseCache(path)
+    assert (len(d), d.bad_lines) == (6, 1)
     assert ResponseCache.key("a", "bc") != ResponseCache.key("ab", "c")
 
 
-def test_malformed_answers_are_cached_too():
-    cache = ResponseCache()
+def test_only_usable_answers_are_cached_and_the_default_cache_is_in_memory():
     t = make_traj()
-    LLMJudge(Scripted(["not json"]), cache=cache).judge(t)
-    again = LLMJudge(Scripted([RuntimeError("no call expected")]), cache=cache)
-    assert again.judge(t) == t.verdict
-    s = again.stats()
-    assert (s.calls, s.cache_hits, s.failures) == (0, 1, 1)
+    fake = Scripted(["not json", '{"verdict": "partial", "completion_ratio": 0.5, "rationale": "half"}'])
+    judge = LLMJudge(fake)  # default: an in-memory cache
+    assert judge.judge(t) == t.verdict  # malformed: the fallback, and nothing cached
+    assert judge.judge(t) == Verdict.partial(0.5)  # asked again
+    assert judge.judge(t) == Verdict.partial(0.5)  # now from the cache
+    s = judge.stats()
+    assert (s.calls, s.cache_hits, s.failures) == (2, 1, 1) and len(fake.prompts) == 2
+    plain = LLMJudge(Scripted(['{"verdict": "success", "rationale": "ok"}']), cache=None)
+    plain.judge(t), plain.judge(t)
+    assert (plain.stats().calls, plain.stats().cache_hits) == (2, 0)
+    with pytest.raises(ValueError, match="cache must be"):
+        LLMJudge(lambda p: p, cache=3)
 
 
 def test_reported_tokens_are_counted():
@@ -485,8 +494,11 @@ def test_openai_client_against_a_loopback_server_end_to_end(no_proxy, tmp_path):
         items = ex.extract_many(ts, verdicts)
         # a re-run over the same trajectories is answered from the cache: no new requests
         n_requests = len(srv.requests)
-        again = LLMExtractor(model, max_workers=3, cache=tmp_path / "c.jsonl").extract_many(ts, verdicts)
-        assert len(srv.requests) == n_requests
+        rerun = LLMExtractor(model, max_workers=3, cache=tmp_path / "c.jsonl")
+        again = rerun.extract_many(ts, verdicts)
+        # only the answer that could not be used is asked for again (and is cut off again)
+        assert len(srv.requests) == n_requests + 1
+        assert (rerun.stats().calls, rerun.stats().cache_hits, rerun.stats().failures) == (1, 5, 1)
         model.close()
     want = Verdict.failure(RootCause.tool_failure("pytest", "import error"))
     assert [v == want for v in verdicts] == [True, True, True, True, False, True]
