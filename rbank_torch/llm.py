@@ -498,10 +498,15 @@ class ResponseCache:
     Each line is ``{"key": sha256 hex, "output": text, "prompt_tokens": n, "completion_tokens": n}``. With a
     file, only the keys and their line offsets stay in memory (about 100 bytes an answer) and an answer is
     read back when asked for. A line that cannot be read (a crash cut the last one) is skipped and counted in
-    :attr:`bad_lines`. Thread-safe; only plain JSON is read, nothing is ever executed.
+    :attr:`bad_lines`. In memory, at most ``max_entries`` answers are kept (the oldest go first), so a
+    long-lived bank with an LLM extractor does not grow without bound. Thread-safe; only plain JSON is read,
+    nothing is ever executed.
     """
 
-    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str] | None = None, *, max_entries: int = 10_000) -> None:
+        if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
+            raise ValueError(f"max_entries must be an integer >= 1, got {max_entries!r}")
+        self.max_entries = max_entries
         self.path = Path(path) if path is not None else None
         self._mem: dict[str, tuple[str, Usage | None]] = {}
         self._offsets: dict[str, tuple[int, int]] = {}  # key -> (offset, length) of its line in the file
@@ -562,7 +567,10 @@ class ResponseCache:
             rec["completion_tokens"] = usage.completion_tokens
         with self._lock:
             if self.path is None:
-                self._mem.setdefault(key, (output, usage))
+                if key not in self._mem:
+                    self._mem[key] = (output, usage)
+                    if len(self._mem) > self.max_entries:
+                        del self._mem[next(iter(self._mem))]
                 return
             if key in self._offsets:
                 return

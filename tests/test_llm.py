@@ -331,6 +331,15 @@ def test_disk_cache_makes_reruns_free(tmp_path):
     assert ResponseCache.key("a", "bc") != ResponseCache.key("ab", "c")
 
 
+def test_memory_cache_is_bounded():
+    c = ResponseCache(max_entries=2)
+    for k in "abc":
+        c.put(k, k.upper())
+    assert len(c) == 2 and c.get("a") is None and c.get("c") == ("C", None)
+    with pytest.raises(ValueError, match="max_entries"):
+        ResponseCache(max_entries=0)
+
+
 def test_only_usable_answers_are_cached_and_the_default_cache_is_in_memory():
     t = make_traj()
     fake = Scripted(["not json", '{"verdict": "partial", "completion_ratio": 0.5, "rationale": "half"}'])
