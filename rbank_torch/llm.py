@@ -228,11 +228,18 @@ class RuleJudge:
 
 
 def _lesson_title(lesson: str) -> str:
+    """A short title for an analyser lesson: "Avoid: <action>" for a failed step (its error stays in the
+    content), "Recovery by reflection", the kind before a colon ("Successful pattern"), else the first words."""
+    if lesson.startswith("Avoid: "):
+        head = lesson.split(" - ", 1)[0]
+        return head if len(head) <= MAX_TITLE_CHARS else head[: MAX_TITLE_CHARS - 1] + "…"
+    if lesson.startswith("Recovery possible"):
+        return "Recovery by reflection"
     head, sep, _ = lesson.partition(":")
     if sep and 0 < len(head) <= 40:
         return head.strip()
     words = lesson.split()
-    return " ".join(words[:6]) + (" …" if len(words) > 6 else "")
+    return " ".join(words[:8]) + (" …" if len(words) > 8 else "")
 
 
 class RuleExtractor:

@@ -84,7 +84,12 @@ def test_rule_judge_and_extractor_follow_the_protocols():
     assert RuleJudge().judge(t) is t.verdict
     items = RuleExtractor().extract(t)
     assert [i.content for i in items] == ["Avoid: run the tests - import error"]
-    assert items[0].title == "Avoid" and "coding" in items[0].description
+    assert items[0].title == "Avoid: run the tests" and "coding" in items[0].description
+    rec = RuleExtractor().extract(make_traj(fail=True, verdict=Verdict.recovered(RootCause.unknown("x"), 2, 0.9)))
+    assert [(i.title, i.content) for i in rec] == [
+        ("Successful pattern", "Successful pattern: fix the import"),
+        ("Recovery by reflection", "Recovery possible with 2 reflection attempts"),
+    ]
     # with another verdict, the items follow that verdict and the trajectory is left as it was
     items = RuleExtractor().extract(t, Verdict.success())
     assert [i.content for i in items] == ["Successful pattern: fix the import"]
