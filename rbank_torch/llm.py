@@ -66,6 +66,7 @@ __all__ = [
     "parse_judgement",
     "parse_memory_items",
     "render_trajectory",
+    "is_transient",
 ]
 
 #: versions of the two prompts; part of every cache key, so a new prompt never reuses old answers
@@ -704,8 +705,8 @@ class _LLMBase:
             self._count(calls=1, prompt_chars=len(prompt))
             try:
                 out = _call_with_timeout(self.complete, prompt, self.timeout_s)
-            except Exception:
-                if attempt == self.retries:
+            except Exception as e:
+                if attempt == self.retries or not is_transient(e):
                     raise
                 self._count(retries=1)
                 if delay > 0:
@@ -740,6 +741,24 @@ class _LLMBase:
                 yield window.popleft().result()
 
 
+#: exception class names (of the openai client and httpx) that a retry may cure
+_TRANSIENT_NAMES = frozenset({
+    "APIConnectionError", "APITimeoutError", "RateLimitError", "InternalServerError", "ServiceUnavailableError",
+    "ConnectError", "ReadTimeout", "WriteTimeout", "ConnectTimeout", "PoolTimeout", "RemoteProtocolError",
+})
+
+
+def is_transient(e: BaseException) -> bool:
+    """Whether a failed call is worth repeating: a timeout, a connection error, HTTP 408/409/429 or 5xx — not
+    a bad request, a refused key or a bug in ``complete`` (repeating those only costs)."""
+    if isinstance(e, (TimeoutError, ConnectionError)):
+        return True
+    status = getattr(e, "status_code", None)
+    if isinstance(status, int):
+        return status in (408, 409, 429) or status >= 500
+    return any(c.__name__ in _TRANSIENT_NAMES for c in type(e).__mro__)
+
+
 def _last_usage(complete: Any) -> Usage | None:
     u = getattr(complete, "last_usage", None)
     return u if isinstance(u, Usage) else None
@@ -764,7 +783,8 @@ class LLMJudge(_LLMBase):
             no cache.
         model_id: part of the cache key (default: ``complete.model_id`` when it has one, else "").
         max_workers: concurrent calls in :meth:`judge_many`.
-        retries: further tries when ``complete`` raises or times out (backoff ``backoff_s``, doubling).
+        retries: further tries when a call fails in a way a retry may cure (:func:`is_transient`: a timeout, a
+            connection error, HTTP 408/409/429/5xx), after ``backoff_s``, then twice that, and so on.
         timeout_s: per-call limit (None: none; adapters have their own).
 
     Example::

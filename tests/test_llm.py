@@ -259,6 +259,22 @@ def test_retries_with_exponential_backoff_then_success():
     assert (s.calls, s.retries, s.failures) == (3, 2, 0) and slept == [0.25, 0.5]
 
 
+def test_only_transient_errors_are_retried():
+    from rbank_torch.llm import is_transient
+
+    class Status(Exception):
+        def __init__(self, code):
+            self.status_code = code
+
+    assert is_transient(TimeoutError()) and is_transient(ConnectionResetError()) and is_transient(Status(503))
+    assert is_transient(Status(429)) and not is_transient(Status(400)) and not is_transient(Status(401))
+    assert not is_transient(ValueError("bug in complete"))
+    judge = LLMJudge(Scripted([Status(401)]), retries=3, sleep=lambda s: None)
+    t = make_traj()
+    assert judge.judge(t) == t.verdict
+    assert (judge.stats().calls, judge.stats().retries, judge.stats().failures) == (1, 0, 1)
+
+
 def test_retries_exhausted_fall_back():
     ex = LLMJudge(Scripted([ConnectionError("reset")]), retries=3, sleep=lambda s: None)
     t = make_traj()
