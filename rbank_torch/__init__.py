@@ -83,6 +83,8 @@ _EXPORTS = {
     "ReasoningBankConfig": "bank",
     "ReasoningBankStats": "bank",
     "ReasoningBank": "bank",
+    "format_memories": "bank",
+    "RetrievalScoring": "retrieval",
     # LLM in the loop
     "MemoryItem": "llm",
     "Judge": "llm",
@@ -108,7 +110,7 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:  # static type checkers see the real names
     from .backends import MissingBackendError
-    from .bank import ReasoningBank, ReasoningBankConfig, ReasoningBankStats
+    from .bank import ReasoningBank, ReasoningBankConfig, ReasoningBankStats, format_memories
     from .consolidation import (
         ConsolidationConfig,
         ConsolidationResult,
@@ -147,6 +149,7 @@ if TYPE_CHECKING:  # static type checkers see the real names
     )
     from .logs import LogFormatError
     from .patterns import Pattern, PatternCategory, PatternMetadata, PatternSearchResult
+    from .retrieval import RetrievalScoring
     from .snapshot import SnapshotError
     from .store import LowConfidenceError, PatternStats, PatternStore, PatternStoreConfig
     from .trajectory import (

@@ -22,10 +22,18 @@ __all__ = [
     "as_embedding_batch",
     "check_unit",
     "check_finite_number",
+    "check_int",
     "EPOCH",
+    "MAX_ID",
+    "MAX_COUNT",
 ]
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+#: the largest id a pattern or trajectory may have (ids live in int64 columns)
+MAX_ID = 2**63 - 1
+#: the largest usage or success count (int64 columns; counts saturate here instead of wrapping)
+MAX_COUNT = 2**63 - 1
 
 _id_lock = threading.Lock()
 _id_counter = itertools.count(1)
@@ -36,6 +44,11 @@ def next_id() -> int:
     """Next id of the process-wide counter (ids increase in creation order)."""
     global _id_last
     with _id_lock:
+        if _id_last >= MAX_ID:
+            raise ValueError(
+                f"no id left to hand out: an id of {_id_last} (the largest, 2**63 - 1) is in use; ids must stay "
+                "below 2**63"
+            )
         _id_last = next(_id_counter)
         return _id_last
 
@@ -67,6 +80,17 @@ def us_to_dt(us: int) -> datetime:
     from datetime import timedelta
 
     return EPOCH + timedelta(microseconds=int(us))
+
+
+def check_int(value: Any, field: str, lo: int = 0, hi: int = MAX_COUNT) -> int:
+    """Return ``value`` as int, raising ``ValueError`` naming ``field`` unless it is an integer (not a bool)
+    within ``[lo, hi]`` (by default ``0 <= value < 2**63``, what an int64 column holds)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{field} must be an integer, got {type(value).__name__} {value!r}")
+    v = int(value)
+    if not lo <= v <= hi:
+        raise ValueError(f"{field} must be an integer within [{lo}, {hi}], got {v}")
+    return v
 
 
 def check_finite_number(value: Any, field: str) -> float:

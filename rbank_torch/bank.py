@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import uuid as _uuid
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
@@ -18,6 +19,7 @@ from ._util import (
     as_embedding,
     as_embedding_batch,
     bump_id_counter,
+    check_int,
     check_unit,
     dt_to_us,
     next_id,
@@ -206,6 +208,7 @@ class ReasoningBank:
         embedder: Embedder = None,
         journal: bool | str | os.PathLike | None = None,
         fsync: str = "always",
+        lock_timeout: float = 0.0,
     ) -> None:
         """Args:
         config: the bank's configuration (defaults when omitted).
@@ -215,13 +218,24 @@ class ReasoningBank:
             empty bank adopts it; a bank holding patterns raises ``ValueError``.
         journal: ``True`` (``<storage_path>/bank.journal``) or a path: record every acknowledged mutation in
             a write-ahead journal (see :mod:`rbank_torch.journal`). Records already in that journal are
-            replayed first, so a bank that was never saved is recovered after a crash.
+            replayed first, so a bank that was never saved is recovered after a crash. A journaled bank is
+            the bank's one writer: it holds ``<journal>.lock`` until :meth:`close`
+            (see :mod:`rbank_torch.locking`).
         fsync: the journal's fsync policy: ``"always"``, ``"batch"`` or ``"off"``.
+        lock_timeout: seconds to wait for another writer of the same journal before
+            :class:`~rbank_torch.locking.BankLockedError` (0: do not wait).
         """
         cfg = config if config is not None else ReasoningBankConfig()
         cfg.validate()
         _warn_overridden(cfg)
         self._config = cfg
+        # resolved once: a later change of the working folder never moves the bank's files
+        self._storage_path = os.path.abspath(cfg.storage_path)
+        #: the bank's identity, recorded in its snapshots and its journal and checked when they meet
+        self._bank_id = _uuid.uuid4().hex
+        self._identity_known = False  # True once the identity came from a snapshot
+        self._bank_lock: Any = None
+        self._write_error: BaseException | None = None
         self._store = PatternStore(cfg.resolved_pattern_config())
         self._analyzer = VerdictAnalyzer()
         self._trajectories: list[Trajectory] = []
@@ -243,7 +257,7 @@ class ReasoningBank:
             if d is not None and d != cfg.embedding_dim:
                 self._adopt_dim(d)
         if journal:
-            self._attach_journal(journal, fsync, after_seq=0)
+            self._attach_journal(journal, fsync, after_seq=0, lock_timeout=lock_timeout)
 
     # ------------------------------------------------------------------ text
     def _encode(self, texts: list[str]) -> torch.Tensor:
@@ -305,29 +319,75 @@ class ReasoningBank:
         return as_embedding_batch(values, name, dim=self._config.embedding_dim)
 
     # ------------------------------------------------------------------ journal
-    def _attach_journal(self, journal: bool | str | os.PathLike, fsync: str, after_seq: int) -> None:
-        from .journal import Journal, JournalError
-
+    def _journal_path(self, journal: bool | str | os.PathLike) -> str:
         if journal is True:
-            path = os.path.join(self._config.storage_path, "bank.journal")
-        elif journal is False:
+            return os.path.join(self._storage_path, "bank.journal")
+        if journal is False:
             raise ValueError("journal must be True or a path to attach a journal")
-        else:
-            path = os.fspath(journal)
-        j = Journal(path, fsync=fsync)
-        base = j._base_seq()
-        if base > after_seq:
-            j.close()
-            raise JournalError(
-                f"{path}: this journal continues a snapshot taken at record {base}, but the bank starts at record "
-                f"{after_seq}: the records in between are missing (load the newer snapshot with this journal)"
-            )
-        if j.last_seq < after_seq:
-            # every record in it is already in the snapshot: number new records after the snapshot's
-            j.reset(after_seq)
-        self.replayed_records = self._replay(j, after_seq)
+        return os.path.abspath(os.fspath(journal))
+
+    def _attach_journal(
+        self, journal: bool | str | os.PathLike, fsync: str, after_seq: int, lock_timeout: float = 0.0
+    ) -> None:
+        from .journal import Journal, JournalError
+        from .locking import BankLock
+
+        path = self._journal_path(journal)
+        if self._bank_lock is None:
+            self._bank_lock = BankLock(path, lock_timeout).acquire()
+        try:
+            j = Journal(path, fsync=fsync, bank_id=self._bank_id)
+            try:
+                self._check_identity(j)
+                base = j._base_seq()
+                if base > after_seq:
+                    raise JournalError(
+                        f"{path}: this journal continues a snapshot taken at record {base}, but the bank starts at "
+                        f"record {after_seq}: the records in between are missing (load the newer snapshot with "
+                        "this journal)"
+                    )
+                if j.last_seq < after_seq:
+                    # every record in it is already in the snapshot: number new records after the snapshot's
+                    j.reset(after_seq)
+                self.replayed_records = self._replay(j, after_seq)
+            except BaseException:
+                j.close()
+                raise
+        except BaseException:
+            self._bank_lock.release()
+            self._bank_lock = None
+            raise
         self._journal = j
-        self._store._listener = self
+        # held weakly: a bank dropped without close() (as a crashed process drops it) is freed at once, and
+        # with it its journal handle and its writer lock
+        self._store._listener = weakref.proxy(self)
+
+    def _check_identity(self, j: Any) -> None:
+        """A journal holds one bank's records: refuse another bank's (never replay foreign records)."""
+        from .journal import JournalError
+
+        if j.bank_id is None or j.bank_id == self._bank_id:
+            return
+        if self._identity_known:
+            raise JournalError(
+                f"{j.path}: this journal belongs to bank {j.bank_id}, not to the bank being opened "
+                f"({self._bank_id}); its records are not replayed (give this bank its own journal)"
+            )
+        self._bank_id = j.bank_id  # a bank recovered from its journal alone (never saved) takes its identity
+
+    def check_writable(self) -> None:  # store listener: called before a store call changes anything
+        """Raise :class:`~rbank_torch.journal.JournalWriteError` when the journal could not record an
+        earlier change: the bank refuses changes until :meth:`save` or a reopen."""
+        from .journal import JournalWriteError
+
+        err = self._write_error
+        if err is None and self._journal is not None:
+            err = self._journal.failed
+        if err is not None:
+            raise JournalWriteError(
+                f"{self._journal.path if self._journal is not None else 'journal'}: the journal could not record "
+                f"an earlier change ({err}); this bank refuses changes until it is saved (save()) or reopened"
+            )
 
     @property
     def journal(self) -> Any:
@@ -345,6 +405,8 @@ class ReasoningBank:
     def _op(self, name: str):
         """A bank operation: under the lock; journaled (and acknowledged) when the outermost one ends."""
         with self._lock:
+            if self._depth == 0 and self._journal is not None:
+                self.check_writable()
             self._depth += 1
             ok = False
             try:
@@ -381,7 +443,11 @@ class ReasoningBank:
             tensors.update(ct)
             meta["consolidator"] = cm
         self._pending_cons = False
-        self._journal.append(meta, tensors)
+        try:
+            self._journal.append(meta, tensors)
+        except BaseException as e:  # memory holds a change the journal does not: refuse changes from now on
+            self._write_error = e
+            raise
 
     def _replay(self, journal: Any, after_seq: int) -> int:  # noqa: C901 - one loop over record kinds
         """Apply the journal's records after ``after_seq``; returns how many were applied."""
@@ -423,9 +489,14 @@ class ReasoningBank:
         return n
 
     def close(self) -> None:
-        """Flush and close the journal (if any)."""
-        if self._journal is not None:
-            self._journal.close()
+        """Flush and close the journal (if any) and let go of the bank's writer lock."""
+        try:
+            if self._journal is not None:
+                self._journal.close()
+        finally:
+            if self._bank_lock is not None:
+                self._bank_lock.release()
+                self._bank_lock = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -494,6 +565,7 @@ class ReasoningBank:
                 as_embedding(st.context_embedding, f"steps[{i}].context_embedding")
         if not all(isinstance(x, str) for x in t.lessons):
             raise ValueError("lessons must be strings")
+        check_int(t.id, "trajectory id")
         try:
             tensors, meta = _trajectories_to_tensors([t])
             _trajectories_from_tensors(tensors, meta, bump_ids=False)
@@ -726,13 +798,13 @@ class ReasoningBank:
                         self._store.touch(hit)
         return sc, ids
 
-    def get(self, pattern_id: int) -> Pattern | None:
+    def get(self, id: int) -> Pattern | None:  # noqa: A002 - SPEC §7 name
         """A copy of the pattern with this id, or None."""
-        return self._store.get_pattern(pattern_id)
+        return self._store.get_pattern(id)
 
-    def remove(self, ids: int | Iterable[int]) -> int:
+    def remove(self, id_or_ids: int | Iterable[int]) -> int:
         """Remove one pattern or many; returns how many were stored."""
-        id_list = [ids] if isinstance(ids, int) else list(ids)
+        id_list = [id_or_ids] if isinstance(id_or_ids, int) else list(id_or_ids)
         for i in id_list:
             if isinstance(i, bool) or not isinstance(i, int):
                 raise ValueError(f"ids must be integers, got {i!r}")
@@ -741,7 +813,7 @@ class ReasoningBank:
 
     def update(
         self,
-        pattern_id: int,
+        id: int,  # noqa: A002 - SPEC §7 name
         *,
         text: str | None = None,
         lessons: Sequence[str] | None = None,
@@ -764,7 +836,7 @@ class ReasoningBank:
         elif text is not None:
             emb = self._encode([text])[0]
         with self._op("update"):
-            p = self._store.get_pattern(pattern_id)
+            p = self._store.get_pattern(id)
             if p is None:
                 return False
             if text is not None:
@@ -824,7 +896,7 @@ class ReasoningBank:
         for p in patterns:
             try:
                 self._store.store_pattern(p)
-            except ValueError as e:
+            except (ValueError, TypeError, OverflowError) as e:
                 log.debug("import_patterns: skipped pattern %s (%s)", getattr(p, "id", "?"), e)
                 continue
             imported += 1
@@ -882,7 +954,7 @@ class ReasoningBank:
         safetensors file, atomically. Defaults to ``<storage_path>/bank.safetensors``."""
         from .snapshot import write_snapshot
 
-        path = path or _default_path(self._config.storage_path)
+        path = path or _default_path(self._storage_path)
         with self._lock:
             tensors, store_meta = self._store.state_tensors("patterns/")
             traj_tensors, traj_meta = _trajectories_to_tensors(self._trajectories)
@@ -892,19 +964,26 @@ class ReasoningBank:
             if self._consolidator is not None:
                 extra_t, cons_meta = self._consolidator.state_tensors("consolidator/")
             tensors.update(extra_t)
+            j = self._journal
             meta = {
                 "config": self._config.to_dict(),
+                "bank_id": self._bank_id,
+                # resolved when the bank was made: a load from another working folder finds the same journal
+                "storage_path": self._storage_path,
                 "stats": _stats_to_json(self._stats),
                 "store": store_meta,
                 "trajectories": traj_meta,
                 "consolidator": cons_meta,
                 "analyses_performed": self._analyzer.stats().analyses_performed,
-                "journal_seq": self._journal.last_seq if self._journal is not None else 0,
+                # after a failed append the journal may still hold that record (its cut failed): the snapshot,
+                # which holds the change, covers its number too, so it is never replayed twice
+                "journal_seq": (j.last_seq + (1 if j.failed is not None else 0)) if j is not None else 0,
             }
             write_snapshot(path, _BANK_FORMAT, tensors, meta)
-            if self._journal is not None:
+            if j is not None:
                 # the snapshot now holds everything journaled so far: start the journal over
-                self._journal.reset(meta["journal_seq"])
+                j.reset(meta["journal_seq"])
+                self._write_error = None  # memory and files agree again
 
     @classmethod
     def load(
@@ -912,6 +991,7 @@ class ReasoningBank:
         path: str,
         journal: bool | str | os.PathLike | None = None,
         fsync: str = "always",
+        lock_timeout: float = 0.0,
         **pattern_overrides: Any,
     ) -> ReasoningBank:
         """Load a bank written by :meth:`save`, then replay the journal (when given) past the snapshot.
@@ -919,12 +999,37 @@ class ReasoningBank:
         Raises :class:`~rbank_torch.snapshot.SnapshotError` for a missing, corrupt, foreign or incompatible
         file and :class:`~rbank_torch.journal.JournalError` for a corrupt journal; never executes code from
         either. A damaged last journal record (torn by a crash mid-write, or corrupt) is dropped, never
-        half-applied; its bytes are kept beside the journal and a ``JournalTailWarning`` names them."""
-        from .snapshot import SnapshotError, read_snapshot
+        half-applied; its bytes are kept beside the journal and a ``JournalTailWarning`` names them.
+
+        With a journal the bank is the bank's one writer: the journal's lock is taken (waiting up to
+        ``lock_timeout`` seconds) before the snapshot is read, so the snapshot and the journal are read as
+        the previous writer left them. A journal of another bank (another identity) raises ``JournalError``.
+        Without a journal no lock is taken: a read-only open works while a writer holds the bank."""
+        from .snapshot import read_snapshot
         from .store import _check_overrides
 
         _check_overrides(pattern_overrides)
         tensors, meta = read_snapshot(path, _BANK_FORMAT)
+        lock = None
+        if journal:
+            lock, tensors, meta = _lock_for_load(path, journal, meta, tensors, lock_timeout)
+        try:
+            bank = cls._from_snapshot(path, tensors, meta, pattern_overrides)
+            bank._bank_lock = lock
+            if journal:
+                bank._attach_journal(journal, fsync, after_seq=int(meta.get("journal_seq", 0)))
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        return bank
+
+    @classmethod
+    def _from_snapshot(
+        cls, path: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any], pattern_overrides: dict[str, Any]
+    ) -> ReasoningBank:
+        from .snapshot import SnapshotError
+
         try:
             cfg = ReasoningBankConfig.from_dict(meta["config"])
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, OverflowError) as e:
@@ -952,8 +1057,17 @@ class ReasoningBank:
             raise
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, OverflowError) as e:
             raise SnapshotError(f"{path}: corrupt or incompatible bank snapshot ({type(e).__name__}: {e})") from None
-        if journal:
-            bank._attach_journal(journal, fsync, after_seq=int(meta.get("journal_seq", 0)))
+        sp = meta.get("storage_path")
+        if sp is not None:
+            if not (isinstance(sp, str) and os.path.isabs(sp)):
+                raise SnapshotError(f"{path}: corrupt bank snapshot (storage_path must be an absolute path, got {sp!r})")
+            bank._storage_path = sp
+        bid = meta.get("bank_id")
+        if bid is not None:
+            if not (isinstance(bid, str) and len(bid) == 32 and all(c in "0123456789abcdef" for c in bid)):
+                raise SnapshotError(f"{path}: corrupt bank snapshot (bank_id must be 32 hex digits, got {bid!r})")
+            bank._bank_id = bid
+            bank._identity_known = True
         return bank
 
 
@@ -1066,6 +1180,34 @@ def _warn_overridden(cfg: ReasoningBankConfig) -> None:
                 UserWarning, stacklevel=3,
             )
         setattr(pc, name, mine)
+
+
+def _lock_for_load(
+    path: str, journal: Any, meta: dict[str, Any], tensors: dict[str, torch.Tensor], timeout: float
+) -> tuple[Any, dict[str, torch.Tensor], dict[str, Any]]:
+    """Take the writer lock of the journal a load attaches, then re-read the snapshot if a writer replaced
+    it meanwhile (so snapshot and journal are read as one writer left them)."""
+    from .locking import BankLock
+    from .snapshot import read_snapshot
+
+    if journal is True:
+        sp = meta.get("storage_path")
+        if not isinstance(sp, str):  # a snapshot of an older version: the configured path, from here
+            cfg = meta.get("config")
+            sp = cfg.get("storage_path") if isinstance(cfg, dict) else None
+        jpath = os.path.join(os.path.abspath(sp if isinstance(sp, str) else ".rbank"), "bank.journal")
+    else:
+        jpath = os.path.abspath(os.fspath(journal))
+    before = os.stat(path)
+    lock = BankLock(jpath, timeout).acquire()
+    try:
+        after = os.stat(path)
+        if (after.st_ino, after.st_mtime_ns, after.st_size) != (before.st_ino, before.st_mtime_ns, before.st_size):
+            tensors, meta = read_snapshot(path, _BANK_FORMAT)
+    except BaseException:
+        lock.release()
+        raise
+    return lock, tensors, meta
 
 
 def _default_path(storage_path: str) -> str:
@@ -1213,7 +1355,7 @@ def _trajectories_from_tensors(
                 )
             )
         t = Trajectory(
-            id=int(d["id"]),
+            id=check_int(d["id"], "trajectory id"),
             uuid=str(d.get("uuid") or _uuid.uuid4()),
             query_embedding=q,
             response_embedding=resp[d["resp"]] if "resp" in d else None,

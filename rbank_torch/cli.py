@@ -241,6 +241,9 @@ def _pattern_doc(p: Any, similarity: float | None = None, rank: int | None = Non
         source=p.metadata.source,
         source_trajectories=[int(x) for x in p.source_trajectories[:20]],
         last_accessed=_iso(p.last_accessed),
+        text=p.text,
+        outcome=p.outcome,
+        attributes=dict(p.metadata.attributes),
     )
     return d
 
@@ -631,7 +634,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
             f"the query embedding has dimension {len(qv)} but {args.bank} holds {dim}-d patterns"
             + ("" if args.embedding is not None else f" (model {model}); pass --model or --embedding")
         )
-    results = store.search_similar(qv, args.k)
+    results = _filtered_search(store, qv, args)
     elapsed = time.perf_counter() - t0
     doc = {
         "bank": args.bank,
@@ -652,11 +655,47 @@ def _cmd_search(args: argparse.Namespace) -> int:
                 f"{r.rank + 1:>3}. {r.similarity:6.3f}  [{p.category}]  quality {p.avg_quality:.2f}  "
                 f"used {p.usage_count}x  success {p.success_rate() * 100:.0f}%  (id {p.id})"
             )
+            if p.text:
+                mark = "  (failed: avoid)" if p.outcome == "failure" else ""
+                out.say(f"       memory: {' '.join(p.text.split())}{mark}")
             if p.example_actions:
                 out.say(f"       steps: {' -> '.join(p.example_actions[:5])}")
             for lesson in p.lessons[:3]:
                 out.say(f"       lesson: {lesson}")
     return 0
+
+
+def _filtered_search(store: Any, qv: Any, args: argparse.Namespace) -> list[Any]:
+    """``search_similar``, or the filtered search of the agent-memory API when a filter is given."""
+    import torch
+
+    from .patterns import PatternSearchResult
+    from .retrieval import FilterSpec
+
+    where: dict[str, Any] = {}
+    for item in args.where:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--where takes KEY=VALUE, got {item!r}")
+        value: Any = raw
+        for conv in (int, float):
+            try:
+                value = conv(raw)
+                break
+            except ValueError:
+                continue
+        where[key] = value
+    try:
+        spec = FilterSpec.parse(where or None, args.category, args.outcome)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if spec.empty:
+        return store.search_similar(qv, args.k)
+    sc, sims, ids = store.search_memory(torch.as_tensor(qv, dtype=torch.float32)[None, :], args.k, filters=spec)
+    ids_l = [i for i in ids[0].tolist() if i >= 0]
+    pats = store.get_patterns(ids_l)
+    sims_l = sims[0].tolist()
+    return [PatternSearchResult(p, sims_l[r], r) for r, p in enumerate(pats)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -770,6 +809,8 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
             bs[k] = _iso(us_to_dt(int(bs[k])))
     summary = _pattern_summary(store)
+    cols = store.columns()
+    failures = int((cols["outcome_code"] == 1).sum())
     doc = {
         "bank": args.bank,
         "file_bytes": os.path.getsize(args.bank),
@@ -784,6 +825,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
             "avg_usage": ps.avg_usage,
             "avg_quality": summary["avg_quality"],
             "quality_hist": summary["quality_hist"],
+            "by_outcome": {"success": ps.total_patterns - failures, "failure": failures},
         },
         "last_consolidation": _strip_consolidation(side.get("last_consolidation")),
         "last_prune": side.get("last_prune"),
@@ -801,6 +843,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
             f"  patterns: {ps.total_patterns}, avg confidence {ps.avg_confidence:.3f}, avg quality "
             f"{summary['avg_quality']:.3f}, avg usage {ps.avg_usage:.2f}"
         )
+        out.say(f"    memories of successes {ps.total_patterns - failures}, of failures {failures}")
         for cat, n in sorted(ps.by_category.items(), key=lambda kv: -kv[1]):
             out.say(f"    {cat:<16} {n}")
         out.say(
@@ -1421,6 +1464,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding", metavar="JSON|@FILE",
                    help="search with this query embedding (a JSON list, or @file holding one) instead of the text")
     p.add_argument("--device", metavar="DEV", help="device of the text model when sentence-transformers is used")
+    p.add_argument("--where", metavar="KEY=VALUE", action="append", default=[],
+                   help="only patterns whose attribute KEY equals VALUE (a number when it parses as one); repeatable")
+    p.add_argument("--category", metavar="NAME", action="append", help="only this category; repeatable")
+    p.add_argument("--outcome", choices=("success", "failure"), help="only memories of this outcome")
     p.set_defaults(func=_cmd_search)
 
     p = sub.add_parser(
@@ -1512,6 +1559,9 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+_WRITERS = (_cmd_ingest, _cmd_consolidate, _cmd_prune)
+
+
 def _one_line(e: BaseException) -> str:
     msg = str(e).strip() or type(e).__name__
     if isinstance(e, (OSError,)) and getattr(e, "filename", None) and e.strerror:
@@ -1519,6 +1569,24 @@ def _one_line(e: BaseException) -> str:
     elif isinstance(e, KeyError):
         msg = f"missing key {msg}"
     return " ".join(msg.split())
+
+
+#: seconds a command that changes a bank waits for another one writing the same bank
+_LOCK_TIMEOUT_S = float(os.environ.get("RBANK_LOCK_TIMEOUT", "600"))
+
+
+def _run_locked(args: argparse.Namespace) -> int:
+    """Run a command that changes a bank under the bank's writer lock, held from load to save: a second
+    ``rbank ingest`` (consolidate, prune) on the same bank waits for the first and then loads what it wrote."""
+    from .locking import BankLock
+    from .snapshot import check_header
+
+    bank = Path(args.bank)
+    if bank.is_file():
+        # a file that is not a snapshot is refused before its lock file is made beside it
+        check_header(bank)
+    with BankLock(args.bank, timeout=_LOCK_TIMEOUT_S):
+        return int(args.func(args) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1539,6 +1607,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         _resolve_bank(args)
+        if args.func in _WRITERS:
+            return _run_locked(args)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("rbank: interrupted", file=sys.stderr)

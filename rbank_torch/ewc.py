@@ -2,9 +2,12 @@
 
 :class:`EWCPlusPlus` protects the parameters of any ``torch.nn.Module`` against forgetting. It keeps
 
-* a running Fisher ``F`` (EMA of squared *task-loss* gradients, one tensor per parameter),
-* the consolidated pair ``(F*, θ*)`` taken at a task boundary, which the penalty
-  ``λ/2 · Σ F*·(θ − θ*)²`` uses.
+* the within-task Fisher ``F`` (EMA of squared *task-loss* gradients since the last task boundary,
+  one tensor per parameter),
+* the consolidated pair ``(F*, θ*)``, which the penalty ``λ/2 · Σ F*·(θ − θ*)²`` uses. At each task
+  boundary ``θ* ← θ`` and ``F* ← γ·F* + F_task`` (online EWC): ``F_task`` is this task's ``F``
+  (bias-corrected, optionally normalised), ``γ`` (``task_decay``) shrinks each earlier task's weight
+  once per later task, never per step, and ``F`` starts again from zero.
 
 Both of these loops give the same result (same Fisher, same parameters up to float rounding)::
 
@@ -53,12 +56,18 @@ except Exception:  # pragma: no cover - builds without distributed support
     dist = None  # type: ignore[assignment]
     DTensor = None  # type: ignore[assignment,misc]
 
-__all__ = ["EWCPlusPlus", "FORMAT_NAME", "FORMAT_VERSION"]
+__all__ = ["DEFAULT_DECAY", "DEFAULT_TASK_DECAY", "EWCPlusPlus", "FORMAT_NAME", "FORMAT_VERSION", "FisherNorm"]
 
 FORMAT_NAME = "rbank_torch.ewc"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+
+#: The Fisher EMA decay every entry point uses by default (constructor, callbacks, docs).
+DEFAULT_DECAY = 0.99
+#: The per-task factor γ of the across-task accumulation ``F* ← γ·F* + F_task``.
+DEFAULT_TASK_DECAY = 1.0
 
 Mode = Literal["online", "multi_task"]
+FisherNorm = Literal["none", "mean", "max"]
 
 
 def _is_dtensor(t: torch.Tensor) -> TypeGuard[DTensor]:
@@ -146,17 +155,30 @@ class EWCPlusPlus:
             ``(name, parameter)`` pairs, or a mapping ``name → parameter``. Parameters may be DTensors
             (FSDP2): all state is then kept as local shards shaped like the local parameter shards.
         lambda_: penalty strength λ ≥ 0 (the base value when ``adapt_lambda``).
-        decay: Fisher EMA decay in ``[0, 1)``: ``F ← decay·F + (1 − decay)·g²``.
-        mode: ``"online"`` (default): ``consolidate`` sets ``θ* ← θ``, ``F* ← F`` and ``F`` keeps running.
-            ``"multi_task"``: each ``consolidate`` stores this task's ``(F, θ)``, keeps the last
-            ``max_tasks`` of them, resets ``F``, and the penalty is ``λ/2 Σ_t Σ F_t (θ − θ_t)²``
-            (evaluated as one merged quadratic, so a step costs the same as in online mode).
+        decay: within-task Fisher EMA decay in ``[0, 1)``: ``F ← decay·F + (1 − decay)·g²`` (the
+            estimate averages roughly the last ``1/(1 − decay)`` steps of the task).
+        task_decay: γ in ``[0, 1]``, the across-task factor: at each ``consolidate`` the Fisher of every
+            earlier task is multiplied by γ (1: every task keeps its full weight; 0: only the last task
+            is protected).
+        fisher_norm: how ``F_task`` is scaled before it is accumulated. ``"none"`` (default): as
+            measured. ``"mean"``: divided by its mean over all protected parameters, so that
+            ``λ/2·Σ F*(θ − θ*)²`` no longer depends on the size of the gradients (loss scale, how
+            converged the model is, optimizer): λ is then the weight of a mean-importance parameter's
+            squared displacement and transfers between models and optimizers. ``"max"``: divided by its
+            maximum (every weight in ``[0, 1]``).
+        mode: ``"online"`` (default): ``consolidate`` sets ``θ* ← θ``, ``F* ← γ·F* + F_task`` and resets
+            ``F``. ``"multi_task"``: each ``consolidate`` stores this task's ``(F_task, θ)`` (earlier
+            tasks' Fisher times γ), keeps the last ``max_tasks`` of them, resets ``F``, and the penalty is
+            ``λ/2 Σ_t Σ F_t (θ − θ_t)²`` (evaluated as one merged quadratic, so a step costs the same as
+            in online mode).
         max_tasks: how many task buffers ``"multi_task"`` keeps (the oldest is dropped).
         adapt_lambda: after each ``consolidate``, ``λ = clamp(lambda_·(1 + 0.1·num_tasks), min_lambda,
             max_lambda)``.
         min_lambda, max_lambda: the clamp range of ``adapt_lambda`` and ``set_lambda``.
-        bias_correction: consolidate ``F / (1 − decay^n)`` (``n`` = Fisher updates since ``F`` started
-            from zero) instead of ``F``; useful when a task is short compared with ``1/(1 − decay)``.
+        bias_correction: take ``F_task = F / (1 − decay^n)`` (``n`` = Fisher updates since the last
+            boundary, where ``F`` started from zero), a weighted mean of this task's ``g²`` whatever the
+            task's length (default). ``False``: ``F_task = F``, which underweights a task short compared
+            with ``1/(1 − decay)``.
         fisher_dtype: dtype of ``F`` and ``F*`` (default: each parameter's dtype). ``torch.float32`` keeps
             the EMA meaningful for bf16/fp16 parameters, where ``decay·F`` may round back to ``F``.
         detect_boundary: track per-parameter-tensor gradient statistics (running mean and variance of
@@ -175,7 +197,7 @@ class EWCPlusPlus:
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
-        >>> ewc = EWCPlusPlus(model, lambda_=100.0, decay=0.9)
+        >>> ewc = EWCPlusPlus(model, lambda_=100.0)
         >>> model(torch.randn(8, 4)).pow(2).mean().backward()
         >>> ewc.update_fisher(); ewc.consolidate()
         >>> float(ewc.penalty().detach())
@@ -186,14 +208,16 @@ class EWCPlusPlus:
         self,
         module_or_named_params: nn.Module | Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor],
         lambda_: float = 2000.0,
-        decay: float = 0.999,
+        decay: float = DEFAULT_DECAY,
         *,
+        task_decay: float = DEFAULT_TASK_DECAY,
+        fisher_norm: FisherNorm = "none",
         mode: Mode = "online",
         max_tasks: int = 10,
         adapt_lambda: bool = False,
         min_lambda: float = 100.0,
         max_lambda: float = 15000.0,
-        bias_correction: bool = False,
+        bias_correction: bool = True,
         fisher_dtype: torch.dtype | None = None,
         detect_boundary: bool = False,
         boundary_threshold: float = 2.0,
@@ -208,6 +232,10 @@ class EWCPlusPlus:
         self.decay = float(decay)
         if not (math.isfinite(self.decay) and 0.0 <= self.decay < 1.0):
             raise ValueError(f"decay must be within [0, 1), got {decay!r}")
+        self.task_decay = _check_unit(task_decay, "task_decay")
+        if fisher_norm not in ("none", "mean", "max"):
+            raise ValueError(f"fisher_norm must be 'none', 'mean' or 'max', got {fisher_norm!r}")
+        self.fisher_norm: FisherNorm = fisher_norm
         if mode not in ("online", "multi_task"):
             raise ValueError(f"mode must be 'online' or 'multi_task', got {mode!r}")
         self.mode: Mode = mode
@@ -460,6 +488,79 @@ class EWCPlusPlus:
     def theta_star(self) -> dict[str, torch.Tensor]:
         """The anchor ``θ*`` (Fisher-weighted merge over tasks in multi_task mode)."""
         return self._named("theta_star")
+
+    @torch.no_grad()
+    def metric_tensors(self) -> dict[str, torch.Tensor]:
+        """What the callbacks log, as 0-dim float32 tensors on :attr:`device` (no host read).
+
+        ``penalty``: the current ``λ/2·Σ F*(θ − θ*)²`` (one pass over the parameters); ``fisher_mean``:
+        the mean of the within-task Fisher ``F``; ``fisher_star_mean``: the mean of ``F*``; ``lambda``:
+        λ. With DTensor parameters the values are this rank's share (penalty) or local mean.
+        """
+        self._sync_layout()
+        dev = self._primary
+        total = sum(g.fisher.flat.numel() for g in self._groups)
+
+        def mean(attr: str) -> torch.Tensor:
+            s = torch.stack([getattr(g, attr).flat.sum(dtype=torch.float32).to(dev) for g in self._groups]).sum()
+            return s / max(total, 1)
+
+        return {
+            "penalty": self.penalty().detach().to(torch.float32),
+            "fisher_mean": mean("fisher"),
+            "fisher_star_mean": mean("fisher_star"),
+            "lambda": torch.tensor(self._lambda, dtype=torch.float32, device=dev),
+        }
+
+    def metrics(self) -> dict[str, float]:
+        """:meth:`metric_tensors` read back as floats (one host synchronisation), plus ``num_tasks``."""
+        out = {k: float(v) for k, v in self.metric_tensors().items()}
+        out["num_tasks"] = float(self.num_tasks)
+        return out
+
+    def rebound(self, module_or_named_params: nn.Module | Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor]
+                ) -> EWCPlusPlus:
+        """A new :class:`EWCPlusPlus` on other parameters with the same names and shapes, holding this state.
+
+        Used when training moves on to a new module object of the same architecture (a new
+        ``LightningModule``, a model reloaded from disk): the Fisher, ``F*``, ``θ*``, λ and configuration
+        carry over by parameter name.
+
+        Raises:
+            ValueError: when the names or shapes differ (the message lists them).
+        """
+        new = EWCPlusPlus(
+            module_or_named_params, lambda_=self._base_lambda, decay=self.decay, task_decay=self.task_decay,
+            fisher_norm=self.fisher_norm, mode=self.mode, max_tasks=self.max_tasks, adapt_lambda=self.adapt_lambda,
+            min_lambda=self.min_lambda, max_lambda=self.max_lambda, bias_correction=self.bias_correction,
+            fisher_dtype=self.fisher_dtype, detect_boundary=self.detect_boundary,
+            boundary_threshold=self.boundary_threshold, boundary_warmup=self.boundary_warmup,
+            boundary_patience=self.boundary_patience, auto_consolidate=self.auto_consolidate,
+            boundary_check_every=self.boundary_check_every, grad_scaler=self.grad_scaler,
+            sync_sharded=self.sync_sharded,
+        )
+        if new._names != self._names:
+            missing = [n for n in self._names if n not in new._names]
+            extra = [n for n in new._names if n not in self._names]
+            raise ValueError(
+                f"cannot rebind EWC++ state to parameters with other names: missing {missing}, unexpected {extra}"
+            )
+        for name, a, b in zip(self._names, self._params, new._params):
+            if tuple(a.shape) != tuple(b.shape):
+                raise ValueError(
+                    f"cannot rebind EWC++ state: parameter {name!r} has shape {tuple(b.shape)}, "
+                    f"the state was built for {tuple(a.shape)}"
+                )
+        new.load_state_dict(self.state_dict())
+        return new
+
+    def holds(self, module_or_params: nn.Module | Iterable[torch.Tensor]) -> bool:
+        """Whether this object protects exactly these parameter objects (a module: its trainable ones)."""
+        if isinstance(module_or_params, nn.Module):
+            params = [p for p in module_or_params.parameters() if p.requires_grad]
+        else:
+            params = list(module_or_params)
+        return len(params) == len(self._params) and all(a is b for a, b in zip(params, self._params))
 
     # ------------------------------------------------------------------ per step
     def reset_penalty_tracking(self) -> None:
@@ -749,36 +850,67 @@ class EWCPlusPlus:
                 constrain_([a for a, _ in pairs], [b for _, b in pairs], self._lambda)
 
     # ------------------------------------------------------------------ consolidation
-    @torch.no_grad()
-    def consolidate(self) -> None:
-        """Task boundary: ``θ* ← θ`` and ``F* ← F`` (online), or store and merge a task buffer (multi_task).
-
-        Also clears the boundary latch and statistics, and adapts λ when ``adapt_lambda``.
-        """
-        self._sync_layout()
+    def _task_scale(self) -> torch.Tensor | None:
+        """The 0-dim float64 factor turning ``F`` into ``F_task`` (bias correction × normalisation), or None."""
+        if self.fisher_norm != "none":
+            return self._norm_scale()  # normalising cancels any bias correction (a common factor)
         if self.bias_correction:
             corr = 1.0 - torch.pow(torch.tensor(self.decay, dtype=torch.float64, device=self._primary),
                                    self._since_reset.to(torch.float64))
-            inv = torch.where(corr > 0, 1.0 / corr.clamp_min(1e-300), torch.zeros_like(corr))
+            return torch.where(corr > 0, 1.0 / corr.clamp_min(1e-300), torch.zeros_like(corr))
+        return None
+
+    def _norm_scale(self) -> torch.Tensor:
+        """``1 / mean(F)`` or ``1 / max(F)`` over all protected parameters (all ranks when sharded); 0 for F = 0."""
+        if self.fisher_norm == "mean":
+            stats = torch.stack([
+                torch.stack([g.fisher.flat.sum(dtype=torch.float64).to(self._primary) for g in self._groups]).sum(),
+                torch.tensor(float(sum(g.fisher.flat.numel() for g in self._groups)), dtype=torch.float64,
+                             device=self._primary),
+            ])
+            if self.sync_sharded and self._sharded() and dist is not None and dist.is_initialized():
+                dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+            level = stats[0] / stats[1].clamp_min(1.0)
         else:
-            inv = None
+            maxes = [g.fisher.flat.max().to(self._primary, torch.float64) for g in self._groups if g.fisher.flat.numel()]
+            level = torch.stack(maxes).max() if maxes else torch.zeros((), dtype=torch.float64, device=self._primary)
+            if self.sync_sharded and self._sharded() and dist is not None and dist.is_initialized():
+                dist.all_reduce(level, op=dist.ReduceOp.MAX)
+        return torch.where(level > 0, 1.0 / level.clamp_min(1e-300), torch.zeros_like(level))
+
+    @torch.no_grad()
+    def consolidate(self) -> None:
+        """Task boundary: ``θ* ← θ``, ``F* ← γ·F* + F_task`` and ``F`` restarts from zero (online), or
+        store this task's buffer and merge (multi_task).
+
+        ``F_task`` is ``F`` bias-corrected (``bias_correction``) and normalised (``fisher_norm``); γ is
+        ``task_decay``. Also clears the boundary latch and statistics, and adapts λ when ``adapt_lambda``.
+        """
+        self._sync_layout()
+        scale = self._task_scale()
+        gamma = self.task_decay
         for g in self._groups:
-            f_now = g.fisher.flat if inv is None else g.fisher.flat * inv.to(g.device, g.fdtype)
+            f_task = g.fisher.flat if scale is None else g.fisher.flat * scale.to(g.device, g.fdtype)
             theta = [_local(self._params[i]) for i in g.idx]
             if self.mode == "online":
-                g.fisher_star.flat.copy_(f_now)
+                if gamma != 1.0:
+                    g.fisher_star.flat.mul_(gamma)
+                g.fisher_star.flat.add_(f_task)
                 torch._foreach_copy_(g.theta_star.views, theta)
             else:
-                tf = FlatBuffer.wrap(f_now.clone() if inv is None else f_now, g.shapes)
+                if gamma != 1.0:
+                    for tf_old, _ in g.tasks:
+                        tf_old.flat.mul_(gamma)
+                tf = FlatBuffer.wrap(f_task.clone() if scale is None else f_task, g.shapes)
                 tt = FlatBuffer.zeros(g.shapes, dtype=g.pdtype, device=g.device)
                 torch._foreach_copy_(tt.views, theta)
                 g.tasks.append((tf, tt))
                 if len(g.tasks) > self.max_tasks:
                     g.tasks.pop(0)
-                g.fisher.flat.zero_()
+            g.fisher.flat.zero_()
         if self.mode == "multi_task":
             self._merge_tasks()
-            self._since_reset.zero_()
+        self._since_reset.zero_()
         self._num_tasks += 1
         self._consolidated = True
         if self.adapt_lambda:
@@ -810,6 +942,8 @@ class EWCPlusPlus:
         return {
             "base_lambda": self._base_lambda,
             "decay": self.decay,
+            "task_decay": self.task_decay,
+            "fisher_norm": self.fisher_norm,
             "mode": self.mode,
             "max_tasks": self.max_tasks,
             "adapt_lambda": self.adapt_lambda,
@@ -969,6 +1103,11 @@ class EWCPlusPlus:
         decay = num("state['config']['decay']", cfg["decay"])
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"state['config']['decay'] must be within [0, 1), got {decay}")
+        # format 1 had neither key (its online F* was the last task's F alone): keep this object's values
+        task_decay = _check_unit(cfg.get("task_decay", self.task_decay), "state['config']['task_decay']")
+        fisher_norm = cfg.get("fisher_norm", self.fisher_norm)
+        if fisher_norm not in ("none", "mean", "max"):
+            raise ValueError(f"state['config']['fisher_norm'] must be 'none', 'mean' or 'max', got {fisher_norm!r}")
         max_tasks = num("state['config']['max_tasks']", cfg["max_tasks"], int)
         if max_tasks < 1:
             raise ValueError(f"state['config']['max_tasks'] must be >= 1, got {max_tasks}")
@@ -1013,6 +1152,8 @@ class EWCPlusPlus:
         # apply
         self._base_lambda = base_lambda
         self.decay = decay
+        self.task_decay = task_decay
+        self.fisher_norm = fisher_norm
         self.mode = mode
         self.max_tasks = max_tasks
         self.adapt_lambda = bool(cfg["adapt_lambda"])
@@ -1155,6 +1296,13 @@ def _take_nested(
     buf = FlatBuffer.zeros([locs[i].shape for i in idx], dtype=dtype, device=dev)
     torch._foreach_copy_(buf.views, [src[i].to(dev, dtype) for i in idx])  # type: ignore[union-attr]
     return buf
+
+
+def _check_unit(value: Any, name: str) -> float:
+    v = _check_nonneg(value, name)
+    if v > 1.0:
+        raise ValueError(f"{name} must be within [0, 1], got {value!r}")
+    return v
 
 
 def _check_nonneg(value: Any, name: str) -> float:

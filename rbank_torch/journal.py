@@ -2,7 +2,11 @@
 
 File layout::
 
-    b"RBJ1"  u64 base_seq                    file magic; the sequence number the file continues from
+    b"RBJ2"  u64 base_seq  16 bytes bank_id  u32 crc32
+                                             file magic; the sequence number the file continues from; the
+                                             identity of the bank the records belong to (all zero: none);
+                                             CRC32 of the 28 bytes before it. Files of the older ``b"RBJ1"``
+                                             layout (magic and base_seq only) are read too.
     record*                                  records, each:
         b"RJ"  u16 0                         record magic + reserved
         u64 seq                              sequence number (strictly increasing)
@@ -62,14 +66,18 @@ import torch
 __all__ = [
     "Journal",
     "JournalError",
+    "JournalWriteError",
     "JournalTailWarning",
     "FSYNC_POLICIES",
     "encode_payload",
     "decode_payload",
 ]
 
-FILE_MAGIC = b"RBJ1"
-_FILE_HDR = struct.Struct("<4sQ")
+FILE_MAGIC = b"RBJ2"
+_FILE_HDR = struct.Struct("<4sQ16sI")
+_FILE_HDR_BODY = struct.Struct("<4sQ16s")
+_OLD_MAGIC = b"RBJ1"
+_OLD_FILE_HDR = struct.Struct("<4sQ")
 REC_MAGIC = b"RJ\x00\x00"
 _HDR = struct.Struct("<4sQII")  # magic, seq, length, crc
 FSYNC_POLICIES = ("always", "batch", "off")
@@ -83,6 +91,36 @@ _FLUSHER_IDLE_S = 1.0
 
 class JournalError(ValueError):
     """A journal file is corrupt (not just torn at its end) or foreign."""
+
+
+class JournalWriteError(OSError):
+    """A journal (or the bank on it) refuses writes: an earlier write, fsync or truncate of it failed.
+
+    The failed record was cut off the file (truncated back to the last intact record) where the file system
+    allowed; where it did not, the next open drops it as a torn tail. Either way the file opens and holds
+    every acknowledged record. Writes resume after :meth:`Journal.reset` (``ReasoningBank.save()``) or a
+    reopen.
+    """
+
+
+def _pack_file_header(base_seq: int, bank_id: str | None) -> bytes:
+    raw = bytes.fromhex(bank_id) if bank_id else bytes(16)
+    body = _FILE_HDR_BODY.pack(FILE_MAGIC, base_seq, raw)
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def read_file_header(path: str | os.PathLike) -> tuple[int, str | None, int]:
+    """``(base_seq, bank_id or None, header size)`` of a journal file; :class:`JournalError` when foreign."""
+    with open(path, "rb") as f:
+        hdr = f.read(_FILE_HDR.size)
+    if hdr[:4] == FILE_MAGIC and len(hdr) == _FILE_HDR.size:
+        _m, base, raw, crc = _FILE_HDR.unpack(hdr)
+        if zlib.crc32(hdr[: _FILE_HDR_BODY.size]) != crc:
+            raise JournalError(f"{path}: corrupt journal file header (checksum mismatch)")
+        return base, (raw.hex() if any(raw) else None), _FILE_HDR.size
+    if hdr[:4] == _OLD_MAGIC and len(hdr) >= _OLD_FILE_HDR.size:
+        return _OLD_FILE_HDR.unpack(hdr[: _OLD_FILE_HDR.size])[1], None, _OLD_FILE_HDR.size
+    raise JournalError(f"{path}: not an rbank_torch journal (bad file header)")
 
 
 class JournalTailWarning(RuntimeWarning):
@@ -244,10 +282,13 @@ class Journal:
         fsync: str = "always",
         batch_records: int = 64,
         batch_interval_s: float = 0.05,
+        bank_id: str | None = None,
     ) -> None:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync must be one of {FSYNC_POLICIES}, got {fsync!r}")
-        self.path = Path(path)
+        from . import _fsio
+
+        self.path = _fsio.resolve_target(Path(path).absolute(), "journal")
         self.fsync = fsync
         self.batch_records = int(batch_records)
         self.batch_interval_s = float(batch_interval_s)
@@ -265,31 +306,37 @@ class Journal:
         self.dropped_tail_path: Path | None = None
         self.dropped_tail_offset: int | None = None
         self.dropped_tail_bytes = 0
+        #: why the journal refuses writes (an append, fsync or truncate failed), else None
+        self.failed: BaseException | None = None
         if self.path.exists() and self.path.stat().st_size > 0:
+            base, self.bank_id, self._hdr_size = read_file_header(self.path)
             end, self.last_seq, tail = self._scan_valid_end()
-            self.last_seq = max(self.last_seq, self._base_seq())
+            self.last_seq = max(self.last_seq, base)
             size = self.path.stat().st_size
             if end < size:
                 self._drop_tail(tail or _Tail(end, "torn", "unreadable bytes after the last record"), size)
         else:
             from .snapshot import atomic_write_bytes
 
-            atomic_write_bytes(self.path, lambda f: f.write(_FILE_HDR.pack(FILE_MAGIC, 0)))
-        self._f = open(self.path, "ab")  # noqa: SIM115 - kept open for appends
+            if bank_id is not None:
+                bytes.fromhex(bank_id)  # a malformed identity raises ValueError before anything is written
+            self.bank_id = bank_id
+            self._hdr_size = _FILE_HDR.size
+            atomic_write_bytes(self.path, lambda f: f.write(_pack_file_header(0, bank_id)))
+        # unbuffered: a record reaches the operating system in whole write calls, and a failed write leaves
+        # nothing queued in a buffer that a later flush could still write
+        self._f = open(self.path, "ab", buffering=0)  # noqa: SIM115 - kept open for appends
+        self._end = os.fstat(self._f.fileno()).st_size  # the end of the last intact record
         with _LIVE_LOCK:
             _LIVE.add(self)
 
     # ------------------------------------------------------------------ reading
     def _base_seq(self) -> int:
-        with open(self.path, "rb") as f:
-            hdr = f.read(_FILE_HDR.size)
-        if len(hdr) < _FILE_HDR.size or hdr[:4] != FILE_MAGIC:
-            raise JournalError(f"{self.path}: not an rbank_torch journal (bad file header)")
-        return _FILE_HDR.unpack(hdr)[1]
+        return read_file_header(self.path)[0]
 
     def _scan_valid_end(self) -> tuple[int, int, _Tail | None]:
         """Offset just past the last intact record, its sequence number, and the tolerated damage after it."""
-        end = _FILE_HDR.size
+        end = self._hdr_size
         last = 0
         tail: list[_Tail] = []
         for _seq, _payload, off_end in self._iter_raw(tolerate_tail=True, tail_out=tail):
@@ -298,12 +345,9 @@ class Journal:
 
     def _iter_raw(self, tolerate_tail: bool, tail_out: list[_Tail] | None = None) -> Iterator[tuple[int, bytes, int]]:
         size = self.path.stat().st_size
+        prev, _bank, off = read_file_header(self.path)
         with open(self.path, "rb") as f:
-            fh = f.read(_FILE_HDR.size)
-            if len(fh) < _FILE_HDR.size or fh[:4] != FILE_MAGIC:
-                raise JournalError(f"{self.path}: not an rbank_torch journal (bad file header)")
-            off = _FILE_HDR.size
-            prev = _FILE_HDR.unpack(fh)[1]
+            f.seek(off)
             while off < size:
                 hdr = f.read(_HDR.size)
                 bad = None
@@ -365,14 +409,23 @@ class Journal:
         with open(self.path, "rb") as f:
             f.seek(off)
             rest = f.read()
+        # NOTE: every candidate costs a CRC over its payload; a hostile file of headers whose lengths all
+        # reach the end of the file would make this quadratic (3.5 MB took 10 s). The bytes checksummed are
+        # capped at a small multiple of the tail: past that, "an intact record may follow" is assumed, which
+        # refuses the file (JournalError, nothing dropped) instead of guessing. A real torn tail is one
+        # partial record and stays far below the cap.
+        budget = 2 * len(rest) + _CHUNK
         pos = rest.find(REC_MAGIC, 1)
         while pos != -1:
             hdr = rest[pos : pos + _HDR.size]
             if len(hdr) == _HDR.size:
                 _m, seq, length, crc = _HDR.unpack(hdr)
-                payload = rest[pos + _HDR.size : pos + _HDR.size + length]
-                if len(payload) == length and _crc(seq, length, payload) == crc:
-                    return False
+                if pos + _HDR.size + length <= len(rest):
+                    budget -= length
+                    if budget < 0:
+                        return False
+                    if _crc(seq, length, rest[pos + _HDR.size : pos + _HDR.size + length]) == crc:
+                        return False
             pos = rest.find(REC_MAGIC, pos + 1)
         return True
 
@@ -407,10 +460,11 @@ class Journal:
                 f"{self.path}: a damaged tail ({tail.kind}: {tail.reason}) at byte {tail.offset} could not be "
                 f"preserved in {keep} ({e}); the journal was left untouched"
             ) from e
-        with open(self.path, "r+b") as f:
-            f.truncate(tail.offset)
-            f.flush()
-            os.fsync(f.fileno())
+        from . import _fsio
+
+        with open(self.path, "r+b", buffering=0) as f:
+            _fsio.truncate(f.fileno(), tail.offset)
+            _fsio.fsync(f.fileno())
         self.records_dropped = 1
         self.tail_kind = tail.kind
         self.dropped_tail_path = keep
@@ -447,23 +501,33 @@ class Journal:
     # ------------------------------------------------------------------ writing
     def append(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> int:
         """Append one record and make it as durable as the fsync policy says; returns its sequence number."""
+        from . import _fsio
+
         payload = encode_payload(meta, tensors)
         with self._lock:
+            self._check_writable()
             seq = self.last_seq + 1
-            self._f.write(_HDR.pack(REC_MAGIC, seq, len(payload), _crc(seq, len(payload), payload)))
-            self._f.write(payload)
-            self._f.flush()
-            self.last_seq = seq
-            self._unsynced += 1
-            if self.fsync == "always":
-                self._sync()
-            elif self.fsync == "batch":
-                if (
-                    self._unsynced >= self.batch_records
+            record = _HDR.pack(REC_MAGIC, seq, len(payload), _crc(seq, len(payload), payload)) + payload
+            sync_now = self.fsync == "always" or (
+                self.fsync == "batch"
+                and (
+                    self._unsynced + 1 >= self.batch_records
                     or time.monotonic() - self._last_sync >= self.batch_interval_s
-                ):
+                )
+            )
+            try:
+                _fsio.write_all(self._f.fileno(), record)
+                if sync_now:
                     self._sync()
-                elif self._flusher is None:
+            except OSError as e:  # nothing acknowledged: cut the record off and refuse further writes
+                self._write_failed(e)
+                raise
+            self._end += len(record)
+            self.last_seq = seq
+            if not sync_now:
+                self._unsynced += 1
+            if self.fsync == "batch" and self._unsynced:
+                if self._flusher is None:
                     self._start_flusher()
                 elif self._unsynced == 1:
                     self._cond.notify()  # the flusher may be idle: it now has a deadline
@@ -471,6 +535,30 @@ class Journal:
                     err, self._sync_error = self._sync_error, None
                     raise err
         return seq
+
+    def _check_writable(self) -> None:
+        if self.failed is not None:
+            raise JournalWriteError(
+                f"{self.path}: an earlier write to this journal failed ({self.failed}); it refuses writes until "
+                "it is reset (ReasoningBank.save()) or reopened"
+            )
+        if self._f.closed:
+            raise JournalWriteError(f"{self.path}: the journal is closed")
+
+    def _write_failed(self, err: BaseException) -> None:
+        """After a failed write or fsync: cut the file back to the last intact record and refuse writes.
+
+        The cut record was never acknowledged. If the file cannot be cut, the next open drops the partial
+        record as a torn tail (or replays it whole, if it did reach the file complete).
+        """
+        from . import _fsio
+
+        self.failed = err
+        try:
+            _fsio.truncate(self._f.fileno(), self._end)
+            _fsio.fsync(self._f.fileno())
+        except OSError:
+            pass
 
     def _start_flusher(self) -> None:
         t = threading.Thread(
@@ -483,7 +571,9 @@ class Journal:
         t.start()
 
     def _sync(self) -> None:
-        os.fsync(self._f.fileno())
+        from . import _fsio
+
+        _fsio.fsync(self._f.fileno())
         self._unsynced = 0
         self._last_sync = time.monotonic()
 
@@ -504,11 +594,24 @@ class Journal:
         from .snapshot import atomic_write_bytes
 
         with self._lock:
-            self._f.close()
+            if self._f.closed:
+                raise JournalWriteError(f"{self.path}: the journal is closed")
             base = max(self.last_seq, int(base_seq))
-            atomic_write_bytes(self.path, lambda f: f.write(_FILE_HDR.pack(FILE_MAGIC, base)))
-            self._f = open(self.path, "ab")  # noqa: SIM115
+            # the new file is complete before the old one is let go: if writing it fails, the old file and
+            # its handle stay as they were (every record still in it, appends still go to it)
+            atomic_write_bytes(self.path, lambda f: f.write(_pack_file_header(base, self.bank_id)))
+            old = self._f
+            try:
+                self._f = open(self.path, "ab", buffering=0)  # noqa: SIM115
+            except OSError as e:  # the old handle names the replaced file: never append to it again
+                self.failed = e
+                raise
+            finally:
+                old.close()
+            self._hdr_size = _FILE_HDR.size
+            self._end = _FILE_HDR.size
             self.last_seq = base
+            self.failed = None
             self._unsynced = 0
             self._last_sync = time.monotonic()
 
@@ -525,7 +628,7 @@ class Journal:
             if not self._f.closed:
                 try:
                     self._f.flush()
-                    if self.fsync != "off":
+                    if self.fsync != "off" and self.failed is None:
                         os.fsync(self._f.fileno())
                     self._unsynced = 0
                 except (OSError, ValueError) as e:

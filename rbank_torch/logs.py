@@ -256,12 +256,19 @@ def _attrs(v: Any, fld: str) -> dict[str, str]:
     return out
 
 
+#: the largest record ``id`` read: the largest integer every JSON reader keeps exactly, which also leaves
+#: the bank's own id counter (int64) room to hand out ids after it
+MAX_RECORD_ID = 2**53 - 1
+#: the largest count (tokens) and number of milliseconds read
+MAX_COUNT = 2**53 - 1
+
+
 def _count(v: Any, fld: str) -> int:
-    if type(v) is int and v >= 0:
+    if type(v) is int and 0 <= v <= MAX_COUNT:
         return v
-    if type(v) is float and v >= 0 and v.is_integer():
+    if type(v) is float and 0 <= v <= MAX_COUNT and v.is_integer():
         return int(v)
-    raise _FieldError(fld, f"must be a non-negative integer, got {v!r}")
+    raise _FieldError(fld, f"must be a non-negative integer of at most 2**53 - 1, got {v!r}")
 
 
 def _unit(v: Any, fld: str) -> float:
@@ -273,9 +280,9 @@ def _unit(v: Any, fld: str) -> float:
 
 
 def _ms(v: Any, fld: str) -> int:
-    if (type(v) is int or type(v) is float) and v >= 0 and math.isfinite(v):
+    if (type(v) is int or type(v) is float) and 0 <= v <= MAX_COUNT:
         return int(v)
-    raise _FieldError(fld, f"must be a non-negative number of milliseconds, got {v!r}")
+    raise _FieldError(fld, f"must be a non-negative number of milliseconds of at most 2**53 - 1, got {v!r}")
 
 
 def _time(v: Any, fld: str) -> datetime:
@@ -284,11 +291,15 @@ def _time(v: Any, fld: str) -> datetime:
         s = v[:-1] + "+00:00" if v.endswith(("Z", "z")) else v
         try:
             dt = datetime.fromisoformat(s)
-        except ValueError:
-            raise _FieldError(fld, f"must be an ISO 8601 time or epoch seconds, got {v!r}") from None
-        return dt.replace(tzinfo=_UTC) if dt.tzinfo is None else dt.astimezone(_UTC)
+            return dt.replace(tzinfo=_UTC) if dt.tzinfo is None else dt.astimezone(_UTC)
+        except (ValueError, OverflowError):
+            raise _FieldError(fld, f"must be an ISO 8601 time (years 1 to 9999 in UTC) or epoch seconds, got "
+                                   f"{v[:80]!r}") from None
     if type(v) in (int, float) and math.isfinite(v):
-        return _EPOCH + timedelta(seconds=v)
+        try:
+            return _EPOCH + timedelta(seconds=v)
+        except (OverflowError, ValueError):
+            raise _FieldError(fld, f"epoch seconds out of range (years 1 to 9999), got {v!r}") from None
     raise _FieldError(fld, f"must be an ISO 8601 time or epoch seconds, got {_type_name(v)}")
 
 
@@ -513,12 +524,20 @@ def parse_record(
     v = obj.get("total_latency_ms")
     total_lat = lat_sum if v is None else _ms(v, "total_latency_ms")
     v = obj.get("completed_at")
-    completed = started + timedelta(milliseconds=total_lat) if v is None else _time(v, "completed_at")
+    if v is None:
+        try:
+            completed = started + timedelta(milliseconds=total_lat)
+        except (OverflowError, ValueError):
+            raise _FieldError("total_latency_ms", f"{total_lat} ms after started_at is past the year 9999") from None
+    else:
+        completed = _time(v, "completed_at")
     v = obj.get("id")
     if v is None:
         tid = next_id()
-    elif type(v) is int and v >= 0:
+    elif type(v) is int and 0 <= v <= MAX_RECORD_ID:
         tid = v
+    elif type(v) is int and v >= 0:
+        raise _FieldError("id", f"must be at most 2**53 - 1 ({MAX_RECORD_ID}), got {v}")
     else:
         raise _FieldError("id", f"must be a non-negative integer, got {v!r}")
     v = obj.get("uuid")

@@ -214,6 +214,15 @@ def _fig_neighbourhood(
     return _png(fig), int(len(sample))
 
 
+def pattern_label(i: int, p: Any, pid: int, width: int = 40) -> str:
+    """Label of the i-th top pattern in figures: its text (shortened), else its id."""
+    text = getattr(p, "text", None) if p is not None else None
+    if text:
+        text = " ".join(text.split())
+        return f"#{i + 1} " + (text if len(text) <= width else text[: width - 1] + "…")
+    return f"#{i + 1} id {pid}"
+
+
 def _fig_similarity(unit_top: torch.Tensor, labels: list[str]) -> bytes:
     t = int(unit_top.shape[0])
     fig = _figure(max(4.5, 0.42 * t + 2.5), max(3.8, 0.42 * t + 1.8))
@@ -414,7 +423,9 @@ def build_report(
         tick()
         figs["neighbourhood"], drawn = _fig_neighbourhood(unit, codes, names, ids, top_rows, nb_rows, nb_sims,
                                                           colours, int(max_points))
-        labels = [f"#{i + 1} id {int(ids[r])}" for i, r in enumerate(top_rows.tolist())]
+        top_ids = [int(ids[r]) for r in top_rows.tolist()]
+        top_pats = store.get_patterns(top_ids) if hasattr(store, "get_patterns") else [store.get_pattern(i) for i in top_ids]
+        labels = [pattern_label(i, p, top_ids[i]) for i, p in enumerate(top_pats)]
         figs["similarity"] = _fig_similarity(unit[top_rows], labels)
         tick()
         if cons:
@@ -422,8 +433,6 @@ def build_report(
             tick()
 
         # Patterns as objects, only for the tables.
-        top_ids = [int(ids[r]) for r in top_rows.tolist()]
-        top_pats = [store.get_pattern(i) for i in top_ids]
         lessons: dict[str, list[float]] = {}  # text -> [patterns, usage, quality sum]
         lesson_cats: dict[str, set[str]] = {}
         for p in store.get_all_patterns() if n else []:
@@ -535,14 +544,15 @@ def _html(
             continue
         nb = [f"id {int(ids[int(nb_rows[i, j])])} ({float(nb_sims[i, j]):.3f})" for j in range(nb_rows.shape[1])]
         rows.append((
-            i + 1, p.id, str(p.category), f"{p.avg_quality:.3f}", f"{p.confidence:.3f}", p.usage_count,
+            i + 1, p.id, (p.text or "-") + (" (failure)" if p.outcome == "failure" else ""), str(p.category),
+            f"{p.avg_quality:.3f}", f"{p.confidence:.3f}", p.usage_count,
             f"{100 * p.success_rate():.0f} %", _Raw(_e(" → ".join(p.example_actions[:6])) or "-"),
             _ul(p.lessons[:5]), _ul(nb),
         ))
     parts.append(_table(
-        ["#", "id", "category", "quality", "confidence", "usage", "success", "example steps", "lessons",
+        ["#", "id", "memory", "category", "quality", "confidence", "usage", "success", "example steps", "lessons",
          "nearest neighbours (cosine)"],
-        rows, [True, True, False, True, True, True, True, False, False, False],
+        rows, [True, True, False, False, True, True, True, True, False, False, False],
     ) if rows else '<p class="muted">The bank holds no patterns.</p>')
     parts.append("<h2>Lessons</h2>")
     if lessons:

@@ -27,11 +27,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import _fsio
+
 __all__ = [
     "SnapshotError",
     "FORMAT_VERSION",
     "write_snapshot",
     "read_snapshot",
+    "check_header",
     "encode_strings",
     "decode_strings",
     "atomic_write_bytes",
@@ -62,7 +65,7 @@ def _fsync_dir(path: Path) -> None:
     except OSError:  # pragma: no cover - platforms without directory fds
         return
     try:
-        os.fsync(fd)
+        _fsio.fsync(fd)
     except OSError:  # pragma: no cover
         pass
     finally:
@@ -147,21 +150,26 @@ def _target_mode(path: Path) -> int:
 def atomic_write_bytes(path: str | os.PathLike, data_writer) -> None:
     """Write a file atomically: temp file in the same folder, fsync, ``os.replace``, fsync the folder.
 
-    ``data_writer(fileobj)`` writes the content. On any error the destination is left untouched and the
-    temp file removed; a temp file left by a writer that was killed is removed by the next successful
-    write of the same path (:func:`remove_stale_temps`).
+    ``data_writer(fileobj)`` writes the content (``fileobj.write(bytes)``). On any error the destination is
+    left untouched and the temp file removed; a temp file left by a writer that was killed is removed by
+    the next successful write of the same path (:func:`remove_stale_temps`).
+
+    A symlink at ``path`` is followed: the file it names is replaced and the link stays. A target that
+    exists and is not a regular file (a device node, a FIFO, a socket, a folder) is refused with
+    :class:`~rbank_torch._fsio.NotARegularFileError` (a ``ValueError``) before anything is written.
     """
-    path = Path(path)
+    path = _fsio.resolve_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=str(path.parent))
     try:
-        with os.fdopen(fd, "wb") as f:
-            data_writer(f)
-            f.flush()
+        try:
+            data_writer(_fsio.FdWriter(fd))
             if hasattr(os, "fchmod"):
-                os.fchmod(f.fileno(), _target_mode(path))
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+                os.fchmod(fd, _target_mode(path))
+            _fsio.fsync(fd)
+        finally:
+            os.close(fd)
+        _fsio.replace(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -194,7 +202,7 @@ def write_snapshot(path: str | os.PathLike, fmt: str, tensors: Mapping[str, torc
     atomic_write_bytes(path, lambda f: f.write(blob))
 
 
-def _check_header(path: Path) -> None:
+def check_header(path: Path) -> None:
     """Tell a foreign file from a damaged snapshot before safetensors reads it.
 
     A safetensors file starts with an 8-byte little-endian header length followed by a JSON object, so
@@ -228,7 +236,7 @@ def read_snapshot(path: str | os.PathLike, fmt: str) -> tuple[dict[str, torch.Te
     path = Path(path)
     if not path.is_file():
         raise SnapshotError(f"{path}: no such snapshot file")
-    _check_header(path)
+    check_header(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ._util import EPOCH, as_embedding, as_embedding_batch, check_unit, dt_to_us, us_to_dt, utcnow
+from ._util import EPOCH, as_embedding, as_embedding_batch, check_int, check_unit, dt_to_us, us_to_dt, utcnow
 from .importance import importance_scores
 from .patterns import (
     BUILTIN_CATEGORIES,
@@ -264,13 +264,12 @@ def _check_scalars(p: Pattern, min_confidence: float) -> _Row:
     r.conf = conf
     r.avgq = _unit(p.avg_quality, "avg_quality")
     pid, usage, success = p.id, p.usage_count, p.success_count
-    if not (type(pid) is int and type(usage) is int and type(success) is int and pid >= 0 and usage >= 0
-            and success >= 0):
-        for name in ("id", "usage_count", "success_count"):
-            v = getattr(p, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
-        pid, usage, success = int(pid), int(usage), int(success)
+    if not (type(pid) is int and type(usage) is int and type(success) is int and 0 <= pid <= _I64_MAX
+            and 0 <= usage <= _I64_MAX and 0 <= success <= _I64_MAX):
+        # bounded here, before anything is staged: an int64 column cannot hold 2**63 or more
+        pid = check_int(pid, "id")
+        usage = check_int(usage, "usage_count")
+        success = check_int(success, "success_count")
     if success > usage:
         raise ValueError(f"success_count ({success}) must not exceed usage_count ({usage})")
     r.id, r.usage, r.success = pid, usage, success
@@ -281,12 +280,24 @@ def _check_scalars(p: Pattern, min_confidence: float) -> _Row:
         r.last = (p.last_accessed - EPOCH) // _US
     except TypeError:
         raise ValueError("created_at and last_accessed must be timezone-aware datetimes") from None
+    _check_side_ints(p)
     r.side = _Side(p)
     try:
         r.outcome = OUTCOMES.index(p.outcome)
     except ValueError:
         raise ValueError(f"outcome must be one of {list(OUTCOMES)}, got {p.outcome!r}") from None
     return r
+
+
+def _check_side_ints(p: Pattern) -> None:
+    """Source trajectory ids and the metadata version are integers a snapshot can hold."""
+    src = p.source_trajectories
+    if src and not all(type(x) is int and 0 <= x <= _I64_MAX for x in src):
+        for i, x in enumerate(src):
+            check_int(x, f"source_trajectories[{i}]")
+    v = p.metadata.version
+    if not (type(v) is int and -_I64_MAX <= v <= _I64_MAX):
+        check_int(v, "metadata.version", -_I64_MAX, _I64_MAX)
 
 
 def _prepare(patterns: Sequence[Pattern], dim: int, min_confidence: float) -> tuple[list[_Row], torch.Tensor]:
@@ -418,6 +429,8 @@ class PatternStore:
     def _mutating(self):
         """Lock, and tell the listener when the outermost mutating call is done."""
         with self._lock:
+            if self._op_depth == 0 and self._listener is not None:
+                self._listener.check_writable()  # the bank refuses changes its journal could not record
             self._op_depth += 1
             try:
                 yield
@@ -475,9 +488,9 @@ class PatternStore:
 
     def _flush(self) -> None:
         if self._staged:
-            staged = list(self._staged.values())
+            # emptied only once the rows are written: a failure here loses nothing staged
+            self._append(list(self._staged.values()))
             self._staged = {}
-            self._append(staged)
 
     def _kill_rows(self, rows: torch.Tensor) -> None:
         """Tombstone rows (``[r]`` int64, alive, unique)."""
@@ -1405,6 +1418,7 @@ class PatternStore:
                 "total_searches": self._total_searches,
                 "search_time_ms": self._search_time_ms,
                 "count": len(rl),
+                "outcomes": True,  # the outcome column is present (snapshots before it had none)
             }
             # the approximate search index, labels mapped to positions of this saved order
             ann_t, ann_meta = self._backend.state_tensors(prefix, rows)
@@ -1452,7 +1466,7 @@ class PatternStore:
         codes = cols["category_code"]
         if count and (int(codes.min()) < 0 or int(codes.max()) >= len(names)):
             raise SnapshotError("corrupt snapshot: category code out of range")
-        if prefix + "outcome" in tensors:
+        if prefix + "outcome" in tensors or meta.get("outcomes"):
             outcome = expect_tensor(tensors, prefix + "outcome", torch.int8, (count,))
             if count and (int(outcome.min()) < 0 or int(outcome.max()) >= len(OUTCOMES)):
                 raise SnapshotError("corrupt snapshot: outcome code out of range")

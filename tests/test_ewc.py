@@ -137,7 +137,7 @@ def test_fisher_ops_penalty_grad_value_constraint() -> None:
 
 def test_update_fisher_penalty_grad_constraint_hand_computed() -> None:
     w = nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
-    ewc = EWCPlusPlus([("w", w)], lambda_=4.0, decay=0.5)
+    ewc = EWCPlusPlus([("w", w)], lambda_=4.0, decay=0.5, bias_correction=False)
     assert float(ewc.penalty()) == 0.0
     w.grad = torch.tensor([2.0, 0.0, -1.0])
     ewc.update_fisher()
@@ -358,9 +358,10 @@ def test_adapt_lambda_and_bias_correction() -> None:
     assert ewc.lambda_ == pytest.approx(1100.0)
     # F after 3 updates of the same g: (1 − 0.9³)·g²; corrected back to g²
     torch.testing.assert_close(ewc.fisher_star["w"], torch.tensor([1.0, 4.0]))
-    torch.testing.assert_close(ewc.fisher["w"], (1 - 0.9**3) * torch.tensor([1.0, 4.0]))
+    assert torch.equal(ewc.fisher["w"], torch.zeros(2))  # the within-task estimate restarts
+    ewc.consolidate()  # a task with no Fisher update adds nothing (bias correction of 0 updates: 0)
     ewc.consolidate()
-    ewc.consolidate()
+    torch.testing.assert_close(ewc.fisher_star["w"], torch.tensor([1.0, 4.0]))
     assert ewc.lambda_ == pytest.approx(1250.0)  # 1000·1.3 clamped
     ewc.set_lambda(5.0)
     assert ewc.lambda_ == 100.0
@@ -450,6 +451,7 @@ def test_state_dict_round_trip(mode: str) -> None:
     other.load_state_dict(sd)
     _assert_same_state(ewc, other)
     assert other.decay == 0.8 and other.mode == mode
+    assert other.task_decay == ewc.task_decay and other.fisher_norm == ewc.fisher_norm
 
 
 def test_safetensors_round_trip_atomic_and_validated(tmp_path) -> None:
@@ -648,3 +650,120 @@ def test_cpu_host_path_matches_device_select_path(dtype: torch.dtype) -> None:
         assert torch.equal(f_host[k], f_dev[k]), k
     for a, b in zip(p_host, p_dev):
         assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- across-task accumulation
+
+
+def _run_task(ewc: EWCPlusPlus, w: nn.Parameter, grad: list[float], steps: int) -> None:
+    for _ in range(steps):
+        w.grad = torch.tensor(grad, dtype=w.dtype)
+        ewc.update_fisher()
+    ewc.consolidate()
+
+
+@pytest.mark.parametrize("steps_b", [3, 2000])
+@pytest.mark.parametrize("gamma", [1.0, 0.5])
+def test_online_f_star_accumulates_per_task_not_per_step(steps_b: int, gamma: float) -> None:
+    w = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    ewc = EWCPlusPlus([("w", w)], lambda_=2.0, decay=0.99, task_decay=gamma)
+    _run_task(ewc, w, [1.0, 0.0, 0.0], 5)  # F_A = g² after bias correction, whatever the length
+    torch.testing.assert_close(ewc.fisher_star["w"], torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
+    assert torch.equal(ewc.fisher["w"], torch.zeros(3, dtype=torch.float64))
+    _run_task(ewc, w, [0.0, 2.0, 0.0], steps_b)
+    # F* = γ·F_A + F_B: task A keeps weight γ however many steps task B took
+    torch.testing.assert_close(ewc.fisher_star["w"], torch.tensor([gamma, 4.0, 0.0], dtype=torch.float64))
+    _run_task(ewc, w, [0.0, 0.0, 3.0], 7)
+    torch.testing.assert_close(ewc.fisher_star["w"], torch.tensor([gamma**2, 4.0 * gamma, 9.0], dtype=torch.float64))
+    assert ewc.num_tasks == 3
+
+
+def test_old_task_still_penalised_after_a_long_later_task() -> None:
+    torch.manual_seed(0)
+    m = _mlp()
+    x, y = _data()
+    ewc = EWCPlusPlus(m, lambda_=1.0)  # the defaults
+    for _ in range(20):
+        m.zero_grad()
+        F_.cross_entropy(m(x[:8]), y[:8]).backward()
+        ewc.update_fisher()
+    ewc.consolidate()
+    f_a = {n: t.clone() for n, t in ewc.fisher_star.items()}
+    assert float(sum(t.sum() for t in f_a.values())) > 0
+    for _ in range(1500):  # a long second task on other labels: 0.99^1500 ≈ 3e-7 per-step decay
+        m.zero_grad()
+        F_.cross_entropy(m(x[8:16]), y[8:16].flip(0)).backward()
+        ewc.update_fisher()
+    ewc.consolidate()
+    for n in f_a:  # task A's Fisher is still entirely in F* (γ = 1): F* = F_A + F_B ≥ F_A
+        assert bool((ewc.fisher_star[n] >= f_a[n] * (1 - 1e-6)).all()), n
+
+
+@pytest.mark.parametrize("norm", ["mean", "max"])
+def test_fisher_norm_scale_free(norm: str) -> None:
+    stars = []
+    for scale in (1.0, 1e-3):
+        w = nn.Parameter(torch.zeros(4, dtype=torch.float64))
+        ewc = EWCPlusPlus([("w", w)], lambda_=1.0, decay=0.5, fisher_norm=norm)  # type: ignore[arg-type]
+        _run_task(ewc, w, [scale * 1.0, scale * 2.0, 0.0, scale * 1.0], 4)
+        _run_task(ewc, w, [0.0, 0.0, scale * 3.0, 0.0], 4)
+        stars.append(ewc.fisher_star["w"].clone())
+    g2a = torch.tensor([1.0, 4.0, 0.0, 1.0], dtype=torch.float64)
+    g2b = torch.tensor([0.0, 0.0, 9.0, 0.0], dtype=torch.float64)
+    if norm == "mean":
+        want = g2a / g2a.mean() + g2b / g2b.mean()  # each task's Fisher has mean 1
+    else:
+        want = g2a / g2a.max() + g2b / g2b.max()
+    torch.testing.assert_close(stars[0], want)
+    torch.testing.assert_close(stars[1], want)  # gradients 1000× smaller: same F*, the same λ applies
+
+
+def test_fisher_norm_zero_fisher_stays_zero() -> None:
+    w = nn.Parameter(torch.zeros(2))
+    ewc = EWCPlusPlus([("w", w)], fisher_norm="mean")
+    ewc.consolidate()  # no updates: F = 0, no division by zero
+    assert torch.equal(ewc.fisher_star["w"], torch.zeros(2))
+
+
+def test_multi_task_task_decay_weights_older_tasks() -> None:
+    w = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    ewc = EWCPlusPlus([("w", w)], lambda_=2.0, decay=0.0, mode="multi_task", task_decay=0.5)
+    _run_task(ewc, w, [1.0, 0.0], 1)
+    _run_task(ewc, w, [0.0, 2.0], 1)
+    torch.testing.assert_close(ewc.fisher_star["w"], torch.tensor([0.5, 4.0], dtype=torch.float64))
+
+
+def test_task_decay_and_fisher_norm_validated() -> None:
+    m = _mlp()
+    with pytest.raises(ValueError, match="task_decay must be within"):
+        EWCPlusPlus(m, task_decay=1.5)
+    with pytest.raises(ValueError, match="task_decay must be a finite number"):
+        EWCPlusPlus(m, task_decay=float("nan"))
+    with pytest.raises(ValueError, match="fisher_norm must be"):
+        EWCPlusPlus(m, fisher_norm="sum")  # type: ignore[arg-type]
+    _, ewc = _trained_ewc()
+    sd = ewc.state_dict()
+    sd["config"] = dict(sd["config"], task_decay=2.0)
+    with pytest.raises(ValueError, match=r"\['task_decay'\] must be within"):
+        EWCPlusPlus(m).load_state_dict(sd)
+    sd["config"] = dict(sd["config"], task_decay=1.0, fisher_norm="l2")
+    with pytest.raises(ValueError, match=r"\['fisher_norm'\] must be"):
+        EWCPlusPlus(m).load_state_dict(sd)
+
+
+def test_format_1_state_loads_with_this_objects_accumulation_settings(tmp_path) -> None:
+    m, ewc = _trained_ewc()
+    sd = ewc.state_dict()
+    sd["format_version"] = 1
+    sd["config"] = {k: v for k, v in sd["config"].items() if k not in ("task_decay", "fisher_norm")}
+    other = EWCPlusPlus(m, lambda_=1.0, task_decay=0.7, fisher_norm="mean")
+    other.load_state_dict(sd)
+    _assert_same_state(ewc, other)
+    assert other.task_decay == 0.7 and other.fisher_norm == "mean"
+    # the file form: a format-1 header without the two keys loads the same way
+    path = tmp_path / "v2.safetensors"
+    ewc.save(path)
+    back = EWCPlusPlus(m, lambda_=1.0, task_decay=0.3)
+    back.load(path)
+    assert back.task_decay == ewc.task_decay and back.fisher_norm == ewc.fisher_norm
+    _assert_same_state(ewc, back)

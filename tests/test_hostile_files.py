@@ -33,7 +33,7 @@ from rbank_torch import (
     Verdict,
 )
 from rbank_torch import snapshot as snapshot_mod
-from rbank_torch.journal import _HDR, Journal, JournalError, encode_payload
+from rbank_torch.journal import _FILE_HDR, _HDR, Journal, JournalError, encode_payload
 from rbank_torch.snapshot import SnapshotError, read_snapshot, write_snapshot
 
 D = 8
@@ -251,7 +251,7 @@ def test_foreign_safetensors(good_snapshot, tmp_path):
 # ---------------------------------------------------------------------------------------------- content
 _OTHER_DTYPE = {
     torch.float32: torch.float64, torch.float64: torch.float32, torch.int64: torch.int32,
-    torch.int32: torch.int64, torch.uint8: torch.int16,
+    torch.int32: torch.int64, torch.uint8: torch.int16, torch.int8: torch.int16,
 }
 
 
@@ -359,7 +359,7 @@ def _open_copy(good_journal, tmp_path, data: bytes):
 
 def _record_offsets(blob: bytes) -> list[tuple[int, int]]:
     """(start, end) of each record of a journal file."""
-    out, off = [], 12
+    out, off = [], _FILE_HDR.size
     while off < len(blob):
         _m, _seq, length, _crc = _HDR.unpack(blob[off : off + _HDR.size])
         out.append((off, off + _HDR.size + length))
@@ -372,7 +372,7 @@ def test_journal_bit_flips_raise_or_drop_only_the_torn_tail(good_journal, tmp_pa
     blob = (folder / "bank.journal").read_bytes()
     recs = _record_offsets(blob)
     rng = random.Random(4)
-    positions = [rng.randrange(len(blob)) for _ in range(120)] + list(range(12))
+    positions = [rng.randrange(len(blob)) for _ in range(120)] + list(range(_FILE_HDR.size))
     for pos in positions:
         bad = bytearray(blob)
         bad[pos] ^= 1 << rng.randrange(8)
@@ -391,14 +391,14 @@ def test_journal_truncated_anywhere_replays_a_prefix(good_journal, tmp_path):
     folder, states = good_journal
     blob = (folder / "bank.journal").read_bytes()
     ends = [e for _s, e in _record_offsets(blob)]
-    for cut in range(12, len(blob), max(1, len(blob) // 50)):
+    for cut in range(_FILE_HDR.size, len(blob), max(1, len(blob) // 50)):
         out = _open_copy(good_journal, tmp_path, blob[:cut])
         assert isinstance(out, ReasoningBank), f"cut at {cut}: {out!r}"
         complete = sum(1 for e in ends if e <= cut)
         assert _state(out) == states[complete]
-        assert out.journal.records_dropped == int(cut not in ends and cut > 12)
+        assert out.journal.records_dropped == int(cut not in ends and cut > _FILE_HDR.size)
         out.close()
-    for cut in range(0, 12):  # the file header itself torn: not a journal
+    for cut in range(0, _FILE_HDR.size):  # the file header itself torn: not a journal
         out = _open_copy(good_journal, tmp_path, blob[:cut])
         if cut == 0:
             assert isinstance(out, ReasoningBank) and _state(out) == states[0]  # empty file = new journal
@@ -449,7 +449,7 @@ def test_journal_records_with_valid_checksums_but_hostile_content(good_journal, 
     # sequence numbers going backwards, a foreign file header, a record claiming 2 GiB
     data = head + _raw_record(1, encode_payload(meta_ok)) + _raw_record(5, encode_payload(meta_ok))
     assert isinstance(_open_copy(good_journal, tmp_path, data), JournalError)
-    assert isinstance(_open_copy(good_journal, tmp_path, b"RBJ2" + blob[4:]), JournalError)
+    assert isinstance(_open_copy(good_journal, tmp_path, b"RBJ9" + blob[4:]), JournalError)
     assert isinstance(_open_copy(good_journal, tmp_path, os.urandom(5000)), JournalError)
     huge = head + struct.pack("<4sQII", b"RJ\x00\x00", 2, 2**31 - 1, 0) + b"\0" * 100 + _raw_record(
         3, encode_payload(meta_ok))

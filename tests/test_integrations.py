@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import warnings
@@ -100,7 +101,8 @@ def test_lightning_callback_matches_manual_loop(accum: int) -> None:
     names = [n.removeprefix("net.") for n in cb.ewc.names]
     assert names == list(ref_ewc.names)
     for name, ref_name in zip(cb.ewc.names, ref_ewc.names):
-        torch.testing.assert_close(cb.ewc.fisher[name], ref_ewc.fisher[ref_name], rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(cb.ewc.fisher_star[name], ref_ewc.fisher_star[ref_name], rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(cb.ewc.theta_star[name], ref_ewc.theta_star[ref_name], rtol=1e-5, atol=1e-7)
     for a, b in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     # the callback round-trips through Lightning's callback state
@@ -110,6 +112,71 @@ def test_lightning_callback_matches_manual_loop(accum: int) -> None:
     cb2._ensure(module)
     assert cb2.ewc is not None and cb2.ewc.num_tasks == 2
     assert torch.equal(cb2.ewc.fisher_star[cb.ewc.names[0]], cb.ewc.fisher_star[cb.ewc.names[0]])
+
+
+def _lightning_fit(L, module, cb, x, y, log_every: int = 1):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=1, callbacks=[cb], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        log_every_n_steps=log_every)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=BS, shuffle=False))
+    return trainer
+
+
+def test_lightning_logs_ewc_metrics() -> None:
+    pytest.importorskip("lightning.pytorch")
+    from rbank_torch.integrations.lightning import EWCPlusPlusCallback
+
+    L, module = _lightning_module(_mlp())
+    cb = EWCPlusPlusCallback(lambda_=30.0, decay=0.8)
+    (xa, ya), (xb, yb) = _data(1), _data(2)
+    t1 = _lightning_fit(L, module, cb, xa, ya)
+    m1 = t1.callback_metrics
+    assert {"ewc/penalty", "ewc/fisher_mean", "ewc/fisher_star_mean", "ewc/lambda"} <= set(m1)
+    assert float(m1["ewc/penalty"]) == 0.0 and float(m1["ewc/fisher_mean"]) > 0  # no anchor yet, Fisher running
+    t2 = _lightning_fit(L, module, cb, xb, yb)
+    m2 = t2.callback_metrics
+    assert float(m2["ewc/penalty"]) > 0 and float(m2["ewc/lambda"]) == 30.0
+    assert cb.ewc is not None
+    assert float(m2["ewc/fisher_star_mean"]) > 0
+
+
+def test_lightning_rebinds_to_the_module_of_each_fit() -> None:
+    pytest.importorskip("lightning.pytorch")
+    from rbank_torch.integrations.lightning import EWCPlusPlusCallback
+
+    (xa, ya), (xb, yb) = _data(1), _data(2)
+    L, first = _lightning_module(_mlp())
+    cb = EWCPlusPlusCallback(lambda_=300.0, decay=0.8)
+    _lightning_fit(L, first, cb, xa, ya)
+    assert cb.ewc is not None and cb.ewc.holds(first)
+    fisher_a = {k: v.clone() for k, v in cb.ewc.fisher_star.items()}
+    theta_a = {k: v.clone() for k, v in cb.ewc.theta_star.items()}
+
+    # a new module object (as after reloading weights): the state follows it and protects it
+    _, second = _lightning_module(_mlp())
+    second.load_state_dict(first.state_dict())
+    _, free = _lightning_module(_mlp())
+    free.load_state_dict(first.state_dict())
+    _lightning_fit(L, second, cb, xb, yb)
+    _lightning_fit(L, free, EWCPlusPlusCallback(lambda_=0.0), xb, yb)
+    assert cb.ewc.holds(second) and not cb.ewc.holds(first) and cb.ewc.num_tasks == 2
+    assert all(bool((cb.ewc.fisher_star[k] >= fisher_a[k] * (1 - 1e-6)).all()) for k in fisher_a)
+
+    def drift(m) -> float:
+        return sum(float((fisher_a[n] * (p.detach() - theta_a[n]) ** 2).sum()) for n, p in m.named_parameters())
+
+    assert drift(second) < 0.5 * drift(free)  # the penalty acted on the second module's parameters
+    # the first module was left alone by the second fit
+    assert all(torch.equal(p, theta_a[n]) for n, p in first.named_parameters())
+
+    # another architecture: a clear error naming the parameters
+    _, other = _lightning_module(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)))
+    with pytest.raises(ValueError, match=r"does not match.*'net.0.weight' has shape \(8, 6\)"):
+        _lightning_fit(L, other, cb, xb, yb)
 
 
 def test_lightning_rejects_bad_penalty_mode() -> None:
@@ -218,3 +285,119 @@ def test_hf_callback_same_fisher_as_manual_loop(tmp_path) -> None:
     ewc.consolidate()
     for name, ref_name in zip(cb.ewc.names, ewc.names):
         torch.testing.assert_close(cb.ewc.fisher_star[name], ewc.fisher_star[ref_name], rtol=1e-4, atol=1e-9)
+
+
+def _hf_args(out, **kw):
+    transformers = pytest.importorskip("transformers")
+    base = dict(
+        output_dir=str(out), per_device_train_batch_size=BS, num_train_epochs=2, learning_rate=0.1, optim="sgd",
+        lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, report_to=[], save_strategy="no",
+        logging_strategy="no", use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True,
+    )
+    base.update(kw)
+    return transformers.TrainingArguments(**base)
+
+
+def _hf_fit(model, cb, x, y, args, **train_kw):
+    transformers = pytest.importorskip("transformers")
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_ListDataset(x, y),
+                                   callbacks=[cb] if cb is not None else [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train(**train_kw)
+    return trainer
+
+
+def test_hf_callback_logs_metrics(tmp_path) -> None:
+    pytest.importorskip("transformers")
+    from rbank_torch.integrations.hf import EWCPlusPlusTrainerCallback
+
+    model = _HFNet()
+    cb = EWCPlusPlusTrainerCallback(lambda_=300.0, decay=0.8)
+    (xa, ya), (xb, yb) = _data(1), _data(2)
+    t1 = _hf_fit(model, cb, xa, ya, _hf_args(tmp_path / "a", logging_strategy="steps", logging_steps=2))
+    logs_a = [h for h in t1.state.log_history if "loss" in h]
+    assert len(logs_a) == 4  # 8 steps, every 2
+    for h in logs_a:
+        assert h["ewc/penalty"] == 0.0 and h["ewc/fisher_mean"] > 0 and h["ewc/lambda"] == 300.0
+    t2 = _hf_fit(model, cb, xb, yb, _hf_args(tmp_path / "b", logging_strategy="steps", logging_steps=2))
+    logs_b = [h for h in t2.state.log_history if "loss" in h]
+    assert logs_b and all(h["ewc/penalty"] > 0 and h["ewc/fisher_star_mean"] > 0 for h in logs_b)
+    assert not any("ewc/penalty" in h for h in t2.state.log_history if "loss" not in h)  # not in the summary
+
+
+def test_hf_resume_from_checkpoint_restores_fisher_and_anchor(tmp_path) -> None:
+    pytest.importorskip("transformers")
+    from rbank_torch.integrations.hf import STATE_FILE, EWCPlusPlusTrainerCallback
+
+    (xa, ya), (xb, yb) = _data(1), _data(2)
+    model = _HFNet()
+    cb = EWCPlusPlusTrainerCallback(lambda_=300.0, decay=0.8, fisher_dtype="float64")
+    _hf_fit(model, cb, xa, ya, _hf_args(tmp_path / "a"))
+    out = tmp_path / "b"
+    _hf_fit(model, cb, xb, yb, _hf_args(out, save_strategy="steps", save_steps=3))  # task B, uninterrupted
+    assert cb.ewc is not None and cb.ewc.num_tasks == 2
+    ckpt = out / "checkpoint-3"
+    assert (ckpt / STATE_FILE).is_file()
+    state_json = json.loads((ckpt / "trainer_state.json").read_text())
+    record = state_json["stateful_callbacks"]["EWCPlusPlusTrainerCallback"]
+    assert record["attributes"]["saved_step"] == 3 and record["args"]["fisher_dtype"] == "float64"
+
+    # a new process would build a new model and callback, then resume task B from step 3 of 8
+    model2 = _HFNet()
+    cb2 = EWCPlusPlusTrainerCallback(lambda_=300.0, decay=0.8, fisher_dtype="float64")
+    t2 = _hf_fit(model2, cb2, xb, yb, _hf_args(out, save_strategy="steps", save_steps=3),
+                 resume_from_checkpoint=str(ckpt))
+    live = EWCPlusPlusTrainerCallback.from_trainer(t2)
+    assert live is cb2 and cb2.ewc is not None and cb2.ewc.num_tasks == 2
+    assert int(cb2.ewc.num_updates) == int(cb.ewc.num_updates)
+    for attr in ("fisher_star", "theta_star", "fisher"):
+        a, b = getattr(cb.ewc, attr), getattr(cb2.ewc, attr)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-9, msg=f"{attr}[{k}]")
+    for p, q in zip(model.parameters(), model2.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-8)
+
+    # without the state the resume would be silently different: the file is required
+    (ckpt / STATE_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="rbank_ewc.safetensors"):
+        _hf_fit(_HFNet(), EWCPlusPlusTrainerCallback(lambda_=300.0, decay=0.8), xb, yb,
+                _hf_args(out, save_strategy="no"), resume_from_checkpoint=str(ckpt))
+
+
+def test_hf_resume_with_restore_callback_states(tmp_path) -> None:
+    pytest.importorskip("transformers")
+    from rbank_torch.integrations.hf import EWCPlusPlusTrainerCallback
+
+    xa, ya = _data(1)
+    model = _HFNet()
+    cb = EWCPlusPlusTrainerCallback(lambda_=300.0, decay=0.8, task_decay=0.9)
+    _hf_fit(model, cb, xa, ya, _hf_args(tmp_path / "a", save_strategy="steps", save_steps=4))
+    cb_other = EWCPlusPlusTrainerCallback(lambda_=1.0)  # replaced by the checkpoint's record
+    t2 = _hf_fit(_HFNet(), cb_other, xa, ya,
+                 _hf_args(tmp_path / "a", save_strategy="no", restore_callback_states_from_checkpoint=True),
+                 resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-4"))
+    live = EWCPlusPlusTrainerCallback.from_trainer(t2)
+    assert live is not cb_other and live.lambda_ == 300.0 and live.ewc is not None
+    assert live.ewc.task_decay == 0.9
+    for k, v in cb.ewc.fisher_star.items():  # type: ignore[union-attr]
+        torch.testing.assert_close(live.ewc.fisher_star[k], v, rtol=1e-6, atol=1e-9)
+
+
+def test_hf_callback_rebinds_to_a_new_model(tmp_path) -> None:
+    pytest.importorskip("transformers")
+    from rbank_torch.integrations.hf import EWCPlusPlusTrainerCallback
+
+    (xa, ya), (xb, yb) = _data(1), _data(2)
+    first = _HFNet()
+    cb = EWCPlusPlusTrainerCallback(lambda_=300.0, decay=0.8)
+    _hf_fit(first, cb, xa, ya, _hf_args(tmp_path / "a"))
+    assert cb.ewc is not None
+    fisher_a = {k: v.clone() for k, v in cb.ewc.fisher_star.items()}
+    second = _HFNet()
+    second.load_state_dict(first.state_dict())
+    _hf_fit(second, cb, xb, yb, _hf_args(tmp_path / "b"))
+    assert cb.ewc.holds(second) and cb.ewc.num_tasks == 2
+    assert all(bool((cb.ewc.fisher_star[k] >= fisher_a[k] * (1 - 1e-6)).all()) for k in fisher_a)
+    with pytest.raises(ValueError, match="other names"):
+        _hf_fit(_mlp(), cb, xb, yb, _hf_args(tmp_path / "c"))

@@ -105,6 +105,7 @@ def test_stale_journal_records_are_not_replayed_twice(tmp_path):
         bank.store_trajectory(_traj(bank, g))
     journal_bytes = (tmp_path / "bank.journal").read_bytes()
     bank.save()
+    bank.close()  # one writer per bank: the next one opens after this one is closed
     (tmp_path / "bank.journal").write_bytes(journal_bytes)  # as if the reset never happened
     again = ReasoningBank.load(str(tmp_path / "bank.safetensors"), journal=True)
     assert again.replayed_records == 0 and len(again.trajectories) == 4
@@ -116,6 +117,7 @@ def test_torn_tail_dropped_never_half_applied(tmp_path):
     bank = ReasoningBank(cfg, journal=True)
     for _ in range(6):
         bank.store_trajectory(_traj(bank, g))
+    bank.close()
     five = None
     path = tmp_path / "bank.journal"
     data = path.read_bytes()

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from rbank_torch import ReasoningBank, ReasoningBankConfig, StepOutcome, Verdict
-from rbank_torch.journal import _HDR, Journal, JournalError, JournalTailWarning
+from rbank_torch.journal import _FILE_HDR, _HDR, Journal, JournalError, JournalTailWarning
 
 D = 8
 SIDECAR = re.compile(r"bank\.journal\.tail-\d{8}T\d{6}Z-\d+\.bad")
@@ -41,7 +41,7 @@ def _bank_with(tmp_path, n, fsync="always"):
 
 
 def _record_spans(blob: bytes) -> list[tuple[int, int]]:
-    out, off = [], 12
+    out, off = [], _FILE_HDR.size
     while off < len(blob):
         _m, _seq, length, _crc = _HDR.unpack(blob[off : off + _HDR.size])
         out.append((off, off + _HDR.size + length))

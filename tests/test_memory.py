@@ -194,6 +194,7 @@ def test_provenance_round_trips_through_snapshot_and_journal(tmp_path):
     b.store_trajectory(_failed(b, "push to main failed"))
     b.search("cache invalidation bug", k=1, touch=True)
     before = {p.id: p for p in b.export_patterns()}
+    b.close()  # one writer per bank
     # the journal alone (never saved) brings everything back
     again = ReasoningBank(ReasoningBankConfig(embedding_dim=D, storage_path=str(tmp_path / "b")),
                           embedder=HashEmbedder(), journal=True)
@@ -201,14 +202,13 @@ def test_provenance_round_trips_through_snapshot_and_journal(tmp_path):
     p = again.get(i)
     assert p is not None and p.metadata.attributes == {"user_id": "u1", "score": 2.5, "n": 7, "flag": True}
     assert type(p.metadata.attributes["n"]) is int and type(p.metadata.attributes["flag"]) is bool
+    again.save(str(tmp_path / "snap.safetensors"))
     again.close()
-    b.save(str(tmp_path / "snap.safetensors"))
     loaded = ReasoningBank.load(str(tmp_path / "snap.safetensors"))
     assert {p.id: p for p in loaded.export_patterns()} == before
     assert sorted(p.outcome for p in loaded.export_patterns()) == ["failure", "success"]
     assert [r.pattern.id for r in loaded.search_similar(before[i].embedding, 1)] == [i]
     assert loaded.search(before[i].embedding, k=2, where={"flag": True})[0].pattern.id == i
-    b.close()
 
 
 def test_touch_updates_last_accessed_and_is_journaled(tmp_path):
@@ -428,3 +428,35 @@ def test_the_sample_log_has_coding_patterns():
     for t in trajectories:
         b.store_trajectory(t)
     assert b.pattern_stats().by_category.get("code_generation", 0) >= 50
+
+
+# ----------------------------------------------------------------------------- the command line shows provenance
+
+
+@pytest.mark.slow
+def test_cli_search_stats_and_report_show_provenance(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("sentence_transformers")
+    from rbank_torch.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    bank_path = tmp_path / "bank.safetensors"
+    assert main(["ingest", str(ROOT / "examples" / "sample_log.jsonl"), "--bank", str(bank_path), "-q"]) == 0
+    capsys.readouterr()
+    q = "my unit tests fail after a refactor"
+    assert main(["search", "--bank", str(bank_path), q, "-k", "3", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("memory: ") == 3 and "3 of 240 patterns" in out
+    assert main(["search", "--bank", str(bank_path), q, "-k", "4", "-q", "--outcome", "failure",
+                 "--where", "request_type=coding"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("(failed: avoid)") == 4 and out.count("lesson: Root cause:") == 4
+    assert main(["search", "--bank", str(bank_path), q, "--where", "oops"]) == 2
+    assert main(["stats", "--bank", str(bank_path), "-q"]) == 0
+    assert "memories of successes 213, of failures 27" in capsys.readouterr().out
+    report = tmp_path / "r.html"
+    assert main(["report", "--bank", str(bank_path), "--out", str(report), "--top", "5", "-q"]) == 0
+    html = report.read_text(encoding="utf-8")
+    assert "<th>memory</th>" in html
+    loaded = ReasoningBank.load(str(bank_path))
+    texts = {p.text for p in loaded.export_patterns()}
+    assert None not in texts and sum(t in html for t in texts) >= 3

@@ -288,10 +288,12 @@ class BankMachine(RuleBasedStateMachine):
         snap = f"{self.dir}/bank.safetensors"
         import os
 
+        cfg = self.bank.config
+        self.bank = None  # dropped as a crash drops it: its writer lock goes with it
         if os.path.exists(snap):
             self.bank = ReasoningBank.load(snap, journal=True, fsync="off")
         else:
-            self.bank = ReasoningBank(self.bank.config, journal=True, fsync="off")
+            self.bank = ReasoningBank(cfg, journal=True, fsync="off")
         assert _bank_state(self.bank) == expected
 
     # ------------------------------------------------------------------ invariants

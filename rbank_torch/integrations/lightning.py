@@ -13,8 +13,15 @@ accumulation and after unscaling, which is exactly when the Fisher must read ``.
 gradient is added right after the Fisher update, so the Fisher never sees it, and before gradient
 clipping, so clipping bounds the total gradient.
 
+Each ``fit`` binds the callback to the module being fitted: a new ``LightningModule`` object with the
+same parameter names and shapes receives the state (Fisher, ``F*``, ``θ*``); one with other names or
+shapes raises ``ValueError`` naming them.
+
+Logged with ``pl_module.log`` every ``trainer.log_every_n_steps`` optimizer steps: ``ewc/penalty``,
+``ewc/fisher_mean``, ``ewc/fisher_star_mean``, ``ewc/lambda`` (device tensors: no host read here).
+
 Example:
-    >>> cb = EWCPlusPlusCallback(lambda_=1000.0, decay=0.99)      # doctest: +SKIP
+    >>> cb = EWCPlusPlusCallback(lambda_=1000.0)                  # doctest: +SKIP
     >>> L.Trainer(max_epochs=5, callbacks=[cb]).fit(model, task_a)  # doctest: +SKIP
     >>> L.Trainer(max_epochs=5, callbacks=[cb]).fit(model, task_b)  # task A is protected  # doctest: +SKIP
 """
@@ -25,7 +32,7 @@ from typing import Any, Literal
 
 import torch
 
-from rbank_torch.ewc import EWCPlusPlus
+from rbank_torch.ewc import DEFAULT_DECAY, EWCPlusPlus
 
 try:
     import lightning.pytorch as pl
@@ -40,29 +47,31 @@ class EWCPlusPlusCallback(pl.Callback):
 
     Args:
         lambda_: penalty strength λ.
-        decay: Fisher EMA decay.
+        decay: within-task Fisher EMA decay (default :data:`rbank_torch.ewc.DEFAULT_DECAY`).
         penalty: ``"grad"`` (default): the callback adds ``λ·F*·(θ − θ*)`` to ``.grad`` after the Fisher
             update. ``"loss"``: the callback adds nothing; put ``callback.penalty()`` in your
             ``training_step`` loss (the Fisher update then takes the penalty's contribution out).
         consolidate_on_fit_end: call ``consolidate()`` when a ``fit`` ends, so that each ``fit`` is one
             task (set ``False`` to consolidate yourself or with ``detect_boundary`` /
             ``auto_consolidate``).
-        log_penalty: log ``ewc/penalty`` (the penalty value, one extra pass over the parameters) each step.
+        log_metrics: log the ``ewc/*`` values (the penalty costs one extra pass over the parameters) every
+            ``trainer.log_every_n_steps`` optimizer steps.
         **ewc_kwargs: any other :class:`EWCPlusPlus` argument (``mode``, ``fisher_dtype``,
             ``detect_boundary`` …).
 
     Attributes:
-        ewc: the :class:`EWCPlusPlus`, created at the first ``fit`` (``None`` before).
+        ewc: the :class:`EWCPlusPlus`, created at the first ``fit`` (``None`` before) and moved to the
+            module of each later ``fit`` (:meth:`EWCPlusPlus.rebound`).
     """
 
     def __init__(
         self,
         lambda_: float = 2000.0,
-        decay: float = 0.999,
+        decay: float = DEFAULT_DECAY,
         *,
         penalty: Literal["grad", "loss"] = "grad",
         consolidate_on_fit_end: bool = True,
-        log_penalty: bool = False,
+        log_metrics: bool = True,
         **ewc_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -72,7 +81,7 @@ class EWCPlusPlusCallback(pl.Callback):
         self.decay = decay
         self.penalty_mode = penalty
         self.consolidate_on_fit_end = consolidate_on_fit_end
-        self.log_penalty = log_penalty
+        self.log_metrics = log_metrics
         self.ewc_kwargs = ewc_kwargs
         self.ewc: EWCPlusPlus | None = None
         self._pending_state: dict[str, Any] | None = None
@@ -80,9 +89,17 @@ class EWCPlusPlusCallback(pl.Callback):
     def _ensure(self, pl_module: torch.nn.Module) -> EWCPlusPlus:
         if self.ewc is None:
             self.ewc = EWCPlusPlus(pl_module, lambda_=self.lambda_, decay=self.decay, **self.ewc_kwargs)
-            if self._pending_state is not None:
-                self.ewc.load_state_dict(self._pending_state)
-                self._pending_state = None
+        elif not self.ewc.holds(pl_module):
+            try:
+                self.ewc = self.ewc.rebound(pl_module)
+            except ValueError as e:
+                raise ValueError(
+                    f"EWCPlusPlusCallback: the module of this fit ({type(pl_module).__name__}) does not match the one "
+                    f"the EWC++ state was built for: {e}"
+                ) from None
+        if self._pending_state is not None:
+            self.ewc.load_state_dict(self._pending_state)
+            self._pending_state = None
         return self.ewc
 
     def penalty(self) -> torch.Tensor:
@@ -103,9 +120,10 @@ class EWCPlusPlusCallback(pl.Callback):
         ewc.update_fisher(grad_scaler=scaler)
         if self.penalty_mode == "grad":
             ewc.add_penalty_grad_()
-        if self.log_penalty:
-            with torch.no_grad():
-                pl_module.log("ewc/penalty", ewc.penalty(), on_step=True, on_epoch=False)
+        every = max(int(getattr(trainer, "log_every_n_steps", 1) or 1), 1)
+        if self.log_metrics and trainer.global_step % every == 0:
+            for k, v in ewc.metric_tensors().items():
+                pl_module.log(f"ewc/{k}", v, on_step=True, on_epoch=False)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.consolidate_on_fit_end and self.ewc is not None:

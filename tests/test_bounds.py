@@ -1,0 +1,143 @@
+"""Integers are bounded where they enter: a value an int64 column (or the id counter) cannot hold is a
+``ValueError`` naming the field, and nothing accepted before it is lost."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rbank_torch import (
+    Pattern,
+    PatternStore,
+    PatternStoreConfig,
+    ReasoningBank,
+    ReasoningBankConfig,
+    StepOutcome,
+    Verdict,
+    _util,
+)
+from rbank_torch.logs import LogFormatError, read_log
+
+D = 4
+
+
+def _p(**kw):
+    p = Pattern.new(torch.randn(D), "general", 0.9)
+    for k, v in kw.items():
+        setattr(p, k, v)
+    return p
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("usage_count", 2**63), ("success_count", 2**63), ("id", 2**63), ("id", 10**30), ("usage_count", -1),
+     ("source_trajectories", [2**64]), ("id", True)],
+)
+def test_out_of_range_integer_is_refused_and_staged_patterns_survive(tmp_path, field, value):
+    store = PatternStore(PatternStoreConfig(embedding_dim=D))
+    good = [store.store_pattern(_p()) for _ in range(3)]  # staged, not yet written to the columns
+    bad = _p(**{field: value})
+    if field == "success_count":
+        bad.usage_count = 2**63 - 1
+    with pytest.raises(ValueError, match=field.split("_trajectories")[0]):
+        store.store_pattern(bad)
+    assert len(store) == 3 and sorted(p.id for p in store.get_all_patterns()) == sorted(good)
+    assert len(store.search_similar(torch.randn(D), 10)) == 3  # reading flushes the staged rows
+    store.save(str(tmp_path / "s.safetensors"))
+    assert sorted(p.id for p in PatternStore.load(str(tmp_path / "s.safetensors")).get_all_patterns()) == sorted(good)
+
+
+def test_int64_maximum_is_accepted_and_round_trips(tmp_path):
+    store = PatternStore(PatternStoreConfig(embedding_dim=D))
+    pid = store.store_pattern(_p(usage_count=2**63 - 1, success_count=2**63 - 1))
+    store.save(str(tmp_path / "s.safetensors"))
+    p = PatternStore.load(str(tmp_path / "s.safetensors")).get_pattern(pid)
+    assert p is not None and p.usage_count == 2**63 - 1 and p.success_count == 2**63 - 1
+
+
+def test_import_patterns_skips_the_bad_ones(tmp_path):
+    bank = ReasoningBank(ReasoningBankConfig(embedding_dim=D, storage_path=str(tmp_path)), journal=True)
+    good = [_p() for _ in range(3)]
+    batch = [good[0], _p(usage_count=2**63), good[1], _p(id=2**64), good[2], _p(success_count=10**30)]
+    assert bank.import_patterns(batch) == 3
+    assert sorted(p.id for p in bank.export_patterns()) == sorted(p.id for p in good)
+    bank.close()
+    again = ReasoningBank(ReasoningBankConfig(embedding_dim=D, storage_path=str(tmp_path)), journal=True)
+    assert sorted(p.id for p in again.export_patterns()) == sorted(p.id for p in good)
+    again.close()
+
+
+def test_trajectory_id_out_of_range_changes_nothing(tmp_path):
+    bank = ReasoningBank(ReasoningBankConfig(embedding_dim=D, storage_path=str(tmp_path)))
+    rec = bank.start_trajectory(torch.randn(D))
+    rec.add_step("search", "r", StepOutcome.success(), 0.9)
+    t = rec.complete(Verdict.success())
+    t.id = 2**63
+    with pytest.raises(ValueError, match="trajectory id"):
+        bank.store_trajectory(t)
+    assert bank.stats().total_trajectories == 0 and len(bank.store) == 0
+
+
+def test_id_counter_refuses_to_pass_int64(monkeypatch):
+    monkeypatch.setattr(_util, "_id_last", 0)
+    monkeypatch.setattr(_util, "_id_counter", iter(()))
+    _util.bump_id_counter(2**63 - 1)
+    with pytest.raises(ValueError, match="no id left"):
+        _util.next_id()
+
+
+def _line(rid):
+    return json.dumps({"id": rid, "query_embedding": [0.1, 0.2, 0.3, 0.4],
+                       "steps": [{"action": "a", "outcome": "success", "confidence": 0.9}], "verdict": "success"})
+
+
+@pytest.mark.parametrize("rid", [2**63 - 1, 10**30, 2**53])
+def test_log_record_id_out_of_range_names_file_line_and_field(tmp_path, rid):
+    f = tmp_path / "log.jsonl"
+    f.write_text(_line(1) + "\n" + _line(rid) + "\n" + _line(3) + "\n")
+    with pytest.raises(LogFormatError) as ei:
+        read_log([str(f)])
+    assert ei.value.line == 2 and ei.value.field == "id" and str(ei.value).startswith(f"{f}:2: id:")
+    errors: list[LogFormatError] = []
+    ts = read_log([str(f)], skip_bad=True, on_error=errors.append)
+    assert [t.id for t in ts] == [1, 3] and len(errors) == 1  # the other lines are read
+
+
+def test_parquet_uint64_id_names_the_field(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    rows = [json.loads(_line(1)), json.loads(_line(1))]
+    table = pa.table({
+        "id": pa.array([1, 2**64 - 1], type=pa.uint64()),
+        "query_embedding": [r["query_embedding"] for r in rows],
+        "steps": [r["steps"] for r in rows],
+        "verdict": [r["verdict"] for r in rows],
+    })
+    path = tmp_path / "log.parquet"
+    pq.write_table(table, path)
+    with pytest.raises(LogFormatError) as ei:
+        read_log([str(path)])
+    assert ei.value.field == "id" and ei.value.line == 2
+
+
+@pytest.mark.parametrize("field,value", [("latency_ms", 1e300), ("timestamp", 1e300), ("timestamp", -1e15)])
+def test_log_step_numbers_out_of_range_name_the_field(tmp_path, field, value):
+    rec = json.loads(_line(1))
+    rec["steps"][0][field] = value
+    f = tmp_path / "log.jsonl"
+    f.write_text(json.dumps(rec) + "\n")
+    with pytest.raises(LogFormatError) as ei:
+        read_log([str(f)])
+    assert ei.value.line == 1 and ei.value.field == f"steps[0].{field}"
+
+
+def test_log_started_at_out_of_range_names_the_field(tmp_path):
+    rec = json.loads(_line(1))
+    rec["started_at"] = "9999-12-31T23:59:59-05:00"
+    f = tmp_path / "log.jsonl"
+    f.write_text(json.dumps(rec) + "\n")
+    with pytest.raises(LogFormatError) as ei:
+        read_log([str(f)])
+    assert ei.value.field == "started_at"
