@@ -66,6 +66,7 @@ __all__ = [
     "parse_judgement",
     "parse_memory_items",
     "render_trajectory",
+    "is_transient",
 ]
 
 #: versions of the two prompts; part of every cache key, so a new prompt never reuses old answers
@@ -228,11 +229,18 @@ class RuleJudge:
 
 
 def _lesson_title(lesson: str) -> str:
+    """A short title for an analyser lesson: "Avoid: <action>" for a failed step (its error stays in the
+    content), "Recovery by reflection", the kind before a colon ("Successful pattern"), else the first words."""
+    if lesson.startswith("Avoid: "):
+        head = lesson.split(" - ", 1)[0]
+        return head if len(head) <= MAX_TITLE_CHARS else head[: MAX_TITLE_CHARS - 1] + "…"
+    if lesson.startswith("Recovery possible"):
+        return "Recovery by reflection"
     head, sep, _ = lesson.partition(":")
     if sep and 0 < len(head) <= 40:
         return head.strip()
     words = lesson.split()
-    return " ".join(words[:6]) + (" …" if len(words) > 6 else "")
+    return " ".join(words[:8]) + (" …" if len(words) > 8 else "")
 
 
 class RuleExtractor:
@@ -493,33 +501,48 @@ def parse_memory_items(text: str, max_items: int = 3) -> list[MemoryItem]:
 
 
 class ResponseCache:
-    """Model answers by content hash, kept in memory and (with a ``path``) appended to a JSON-lines file.
+    """Usable model answers by content hash, in memory or (with a ``path``) in a JSON-lines file.
 
-    Each line is ``{"key": sha256 hex, "output": text, "prompt_tokens": n, "completion_tokens": n}``. A
-    line that cannot be read (a crash cut the last one) is skipped and counted in :attr:`bad_lines`.
-    Thread-safe; only plain JSON is read, nothing is ever executed.
+    Each line is ``{"key": sha256 hex, "output": text, "prompt_tokens": n, "completion_tokens": n}``. With a
+    file, only the keys and their line offsets stay in memory (about 100 bytes an answer) and an answer is
+    read back when asked for. A line that cannot be read (a crash cut the last one) is skipped and counted in
+    :attr:`bad_lines`. In memory, at most ``max_entries`` answers are kept (the oldest go first), so a
+    long-lived bank with an LLM extractor does not grow without bound. Thread-safe; only plain JSON is read,
+    nothing is ever executed.
     """
 
-    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str] | None = None, *, max_entries: int = 10_000) -> None:
+        if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
+            raise ValueError(f"max_entries must be an integer >= 1, got {max_entries!r}")
+        self.max_entries = max_entries
         self.path = Path(path) if path is not None else None
         self._mem: dict[str, tuple[str, Usage | None]] = {}
+        self._offsets: dict[str, tuple[int, int]] = {}  # key -> (offset, length) of its line in the file
         self._lock = threading.Lock()
         self.bad_lines = 0
         if self.path is not None and self.path.exists():
-            with open(self.path, encoding="utf-8") as f:
+            with open(self.path, "rb") as f:
+                pos = 0
                 for line in f:
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                        key, out = rec["key"], rec["output"]
-                        if not isinstance(key, str) or not isinstance(out, str):
-                            raise TypeError
-                        pt, ct = int(rec.get("prompt_tokens", 0)), int(rec.get("completion_tokens", 0))
-                    except (ValueError, KeyError, TypeError):
-                        self.bad_lines += 1
-                        continue
-                    self._mem[key] = (out, Usage(pt, ct) if (pt or ct) else None)
+                    n = len(line)
+                    rec = self._decode(line)
+                    if rec is None:
+                        self.bad_lines += int(bool(line.strip()))
+                    else:
+                        self._offsets.setdefault(rec[0], (pos, n))
+                    pos += n
+
+    @staticmethod
+    def _decode(line: bytes) -> tuple[str, str, Usage | None] | None:
+        try:
+            rec = json.loads(line)
+            key, out = rec["key"], rec["output"]
+            if not isinstance(key, str) or not isinstance(out, str):
+                return None
+            pt, ct = int(rec.get("prompt_tokens", 0)), int(rec.get("completion_tokens", 0))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None
+        return key, out, (Usage(pt, ct) if (pt or ct) else None)
 
     @staticmethod
     def key(*parts: str) -> str:
@@ -532,26 +555,50 @@ class ResponseCache:
         return h.hexdigest()
 
     def get(self, key: str) -> tuple[str, Usage | None] | None:
+        """``(answer, usage)`` stored under ``key``, or None."""
         with self._lock:
-            return self._mem.get(key)
+            if self.path is None:
+                return self._mem.get(key)
+            at = self._offsets.get(key)
+            if at is None:
+                return None
+            with open(self.path, "rb") as f:
+                f.seek(at[0])
+                rec = self._decode(f.read(at[1]))
+        return None if rec is None or rec[0] != key else (rec[1], rec[2])
 
     def put(self, key: str, output: str, usage: Usage | None = None) -> None:
-        rec = {"key": key, "output": output}
+        """Keep ``output`` under ``key`` (a key already present is left as it is)."""
+        rec: dict[str, Any] = {"key": key, "output": output}
         if usage is not None:
             rec["prompt_tokens"] = usage.prompt_tokens
             rec["completion_tokens"] = usage.completion_tokens
         with self._lock:
-            if key in self._mem:
+            if self.path is None:
+                if key not in self._mem:
+                    self._mem[key] = (output, usage)
+                    if len(self._mem) > self.max_entries:
+                        del self._mem[next(iter(self._mem))]
                 return
-            self._mem[key] = (output, usage)
-            if self.path is not None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                with open(self.path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            if key in self._offsets:
+                return
+            line = (json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "ab") as f:
+                f.seek(0, os.SEEK_END)
+                pos = f.tell()
+                if pos > 0:  # a line cut by a crash is closed first, so this one starts on its own line
+                    with open(self.path, "rb") as r:
+                        r.seek(pos - 1)
+                        if r.read(1) != b"\n":
+                            f.write(b"\n")
+                            pos += 1
+                f.write(line)
+            self._offsets[key] = (pos, len(line))
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._mem)
+            return len(self._mem) if self.path is None else len(self._offsets)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -588,7 +635,7 @@ class _LLMBase:
         self,
         complete: Complete,
         *,
-        cache: ResponseCache | str | os.PathLike[str] | None = None,
+        cache: ResponseCache | str | os.PathLike[str] | bool | None = True,
         model_id: str | None = None,
         max_workers: int = 4,
         retries: int = 2,
@@ -607,7 +654,16 @@ class _LLMBase:
         if timeout_s is not None and (not isinstance(timeout_s, (int, float)) or timeout_s <= 0):
             raise ValueError(f"timeout_s must be a number > 0 or None, got {timeout_s!r}")
         self.complete = complete
-        self.cache = cache if isinstance(cache, ResponseCache) or cache is None else ResponseCache(cache)
+        if cache is True:
+            self.cache: ResponseCache | None = ResponseCache()
+        elif cache is None or cache is False:
+            self.cache = None
+        elif isinstance(cache, ResponseCache):
+            self.cache = cache
+        elif isinstance(cache, (str, os.PathLike)):
+            self.cache = ResponseCache(cache)
+        else:
+            raise ValueError(f"cache must be True, False/None, a path or a ResponseCache, got {type(cache).__name__}")
         self.model_id = model_id if model_id is not None else str(getattr(complete, "model_id", ""))
         self.max_workers = max_workers
         self.retries = retries
@@ -635,21 +691,22 @@ class _LLMBase:
             self._stats.failures += 1
             self._errors.append(LLMError(int(t.id), message))
 
-    def _ask(self, prompt: str) -> str:
-        """The model's answer to ``prompt``: from the cache, else from ``complete`` (retried with backoff)."""
+    def _ask(self, prompt: str, parse: Callable[[str], _R]) -> _R:
+        """``parse`` of the model's answer to ``prompt``: from the cache, else from ``complete`` (retried with
+        backoff). Only an answer that parses is cached, so a re-run asks again where the model failed."""
         key = ResponseCache.key(self.prompt_version, self.model_id, prompt) if self.cache is not None else ""
         if self.cache is not None:
             hit = self.cache.get(key)
             if hit is not None:
                 self._count(cache_hits=1)
-                return hit[0]
+                return parse(hit[0])
         delay = self.backoff_s
         for attempt in range(self.retries + 1):
             self._count(calls=1, prompt_chars=len(prompt))
             try:
                 out = _call_with_timeout(self.complete, prompt, self.timeout_s)
-            except Exception:
-                if attempt == self.retries:
+            except Exception as e:
+                if attempt == self.retries or not is_transient(e):
                     raise
                 self._count(retries=1)
                 if delay > 0:
@@ -661,9 +718,10 @@ class _LLMBase:
             usage = _last_usage(self.complete)
             if usage is not None:
                 self._count(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens)
+            result = parse(out)
             if self.cache is not None:
                 self.cache.put(key, out, usage)
-            return out
+            return result
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _map(self, fn: Callable[[_T], _R], items: Iterable[_T]) -> Iterator[_R]:
@@ -681,6 +739,24 @@ class _LLMBase:
                     yield window.popleft().result()
             while window:
                 yield window.popleft().result()
+
+
+#: exception class names (of the openai client and httpx) that a retry may cure
+_TRANSIENT_NAMES = frozenset({
+    "APIConnectionError", "APITimeoutError", "RateLimitError", "InternalServerError", "ServiceUnavailableError",
+    "ConnectError", "ReadTimeout", "WriteTimeout", "ConnectTimeout", "PoolTimeout", "RemoteProtocolError",
+})
+
+
+def is_transient(e: BaseException) -> bool:
+    """Whether a failed call is worth repeating: a timeout, a connection error, HTTP 408/409/429 or 5xx — not
+    a bad request, a refused key or a bug in ``complete`` (repeating those only costs)."""
+    if isinstance(e, (TimeoutError, ConnectionError)):
+        return True
+    status = getattr(e, "status_code", None)
+    if isinstance(status, int):
+        return status in (408, 409, 429) or status >= 500
+    return any(c.__name__ in _TRANSIENT_NAMES for c in type(e).__mro__)
 
 
 def _last_usage(complete: Any) -> Usage | None:
@@ -702,10 +778,13 @@ class LLMJudge(_LLMBase):
         complete: any ``str -> str`` callable (an :class:`OpenAICompatible`, a
             :class:`TransformersPipeline`, a function of yours).
         fallback: the judge used for a trajectory whose answer fails (default :class:`RuleJudge`).
-        cache: a :class:`ResponseCache` or the path of its JSON-lines file (None: no cache).
+        cache: True (default): answers kept in memory for this object's life; a path: kept in that JSON-lines
+            file (re-runs in new processes make no calls); a :class:`ResponseCache` (shared); None or False:
+            no cache.
         model_id: part of the cache key (default: ``complete.model_id`` when it has one, else "").
         max_workers: concurrent calls in :meth:`judge_many`.
-        retries: further tries when ``complete`` raises or times out (backoff ``backoff_s``, doubling).
+        retries: further tries when a call fails in a way a retry may cure (:func:`is_transient`: a timeout, a
+            connection error, HTTP 408/409/429/5xx), after ``backoff_s``, then twice that, and so on.
         timeout_s: per-call limit (None: none; adapters have their own).
 
     Example::
@@ -724,7 +803,7 @@ class LLMJudge(_LLMBase):
     def assess(self, trajectory: Trajectory) -> Judgement:
         """The verdict and rationale of one trajectory (the fallback's verdict on any failure)."""
         try:
-            verdict, rationale = parse_judgement(self._ask(judge_prompt(trajectory)))
+            verdict, rationale = self._ask(judge_prompt(trajectory), parse_judgement)
             return Judgement(verdict, rationale, from_model=True)
         except Exception as e:
             msg = _describe(e)
@@ -763,7 +842,8 @@ class LLMExtractor(_LLMBase):
 
     def extract(self, trajectory: Trajectory, verdict: Verdict | None = None) -> list[MemoryItem]:
         try:
-            return parse_memory_items(self._ask(extract_prompt(trajectory, verdict, self.max_items)), self.max_items)
+            n = self.max_items
+            return self._ask(extract_prompt(trajectory, verdict, n), lambda text: parse_memory_items(text, n))
         except Exception as e:
             self._fail(trajectory, _describe(e))
             return self.fallback.extract(trajectory, verdict)

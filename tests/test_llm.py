@@ -84,7 +84,12 @@ def test_rule_judge_and_extractor_follow_the_protocols():
     assert RuleJudge().judge(t) is t.verdict
     items = RuleExtractor().extract(t)
     assert [i.content for i in items] == ["Avoid: run the tests - import error"]
-    assert items[0].title == "Avoid" and "coding" in items[0].description
+    assert items[0].title == "Avoid: run the tests" and "coding" in items[0].description
+    rec = RuleExtractor().extract(make_traj(fail=True, verdict=Verdict.recovered(RootCause.unknown("x"), 2, 0.9)))
+    assert [(i.title, i.content) for i in rec] == [
+        ("Successful pattern", "Successful pattern: fix the import"),
+        ("Recovery by reflection", "Recovery possible with 2 reflection attempts"),
+    ]
     # with another verdict, the items follow that verdict and the trajectory is left as it was
     items = RuleExtractor().extract(t, Verdict.success())
     assert [i.content for i in items] == ["Successful pattern: fix the import"]
@@ -254,6 +259,22 @@ def test_retries_with_exponential_backoff_then_success():
     assert (s.calls, s.retries, s.failures) == (3, 2, 0) and slept == [0.25, 0.5]
 
 
+def test_only_transient_errors_are_retried():
+    from rbank_torch.llm import is_transient
+
+    class Status(Exception):
+        def __init__(self, code):
+            self.status_code = code
+
+    assert is_transient(TimeoutError()) and is_transient(ConnectionResetError()) and is_transient(Status(503))
+    assert is_transient(Status(429)) and not is_transient(Status(400)) and not is_transient(Status(401))
+    assert not is_transient(ValueError("bug in complete"))
+    judge = LLMJudge(Scripted([Status(401)]), retries=3, sleep=lambda s: None)
+    t = make_traj()
+    assert judge.judge(t) == t.verdict
+    assert (judge.stats().calls, judge.stats().retries, judge.stats().failures) == (1, 0, 1)
+
+
 def test_retries_exhausted_fall_back():
     ex = LLMJudge(Scripted([ConnectionError("reset")]), retries=3, sleep=lambda s: None)
     t = make_traj()
@@ -320,22 +341,40 @@ def test_disk_cache_makes_reruns_free(tmp_path):
     assert b.extract_many(ts) == out_a
     s = b.stats()
     assert second.prompts == [] and (s.calls, s.cache_hits, s.failures) == (0, 5, 0)
-    assert b.cache is not None and b.cache.bad_lines == 1
+    assert b.cache is not None and b.cache.bad_lines == 1 and len(b.cache) == 5
     # another prompt version or model is another key
     c = LLMExtractor(Scripted([json.dumps(GOOD_ITEMS)]), cache=path, model_id="other-model")
     c.extract(ts[0])
     assert c.stats().calls == 1
+    # the new answer went on a line of its own after the cut one: the file reads back whole
+    d = ResponseCache(path)
+    assert (len(d), d.bad_lines) == (6, 1)
     assert ResponseCache.key("a", "bc") != ResponseCache.key("ab", "c")
 
 
-def test_malformed_answers_are_cached_too():
-    cache = ResponseCache()
+def test_memory_cache_is_bounded():
+    c = ResponseCache(max_entries=2)
+    for k in "abc":
+        c.put(k, k.upper())
+    assert len(c) == 2 and c.get("a") is None and c.get("c") == ("C", None)
+    with pytest.raises(ValueError, match="max_entries"):
+        ResponseCache(max_entries=0)
+
+
+def test_only_usable_answers_are_cached_and_the_default_cache_is_in_memory():
     t = make_traj()
-    LLMJudge(Scripted(["not json"]), cache=cache).judge(t)
-    again = LLMJudge(Scripted([RuntimeError("no call expected")]), cache=cache)
-    assert again.judge(t) == t.verdict
-    s = again.stats()
-    assert (s.calls, s.cache_hits, s.failures) == (0, 1, 1)
+    fake = Scripted(["not json", '{"verdict": "partial", "completion_ratio": 0.5, "rationale": "half"}'])
+    judge = LLMJudge(fake)  # default: an in-memory cache
+    assert judge.judge(t) == t.verdict  # malformed: the fallback, and nothing cached
+    assert judge.judge(t) == Verdict.partial(0.5)  # asked again
+    assert judge.judge(t) == Verdict.partial(0.5)  # now from the cache
+    s = judge.stats()
+    assert (s.calls, s.cache_hits, s.failures) == (2, 1, 1) and len(fake.prompts) == 2
+    plain = LLMJudge(Scripted(['{"verdict": "success", "rationale": "ok"}']), cache=None)
+    plain.judge(t), plain.judge(t)
+    assert (plain.stats().calls, plain.stats().cache_hits) == (2, 0)
+    with pytest.raises(ValueError, match="cache must be"):
+        LLMJudge(lambda p: p, cache=3)
 
 
 def test_reported_tokens_are_counted():
@@ -485,8 +524,11 @@ def test_openai_client_against_a_loopback_server_end_to_end(no_proxy, tmp_path):
         items = ex.extract_many(ts, verdicts)
         # a re-run over the same trajectories is answered from the cache: no new requests
         n_requests = len(srv.requests)
-        again = LLMExtractor(model, max_workers=3, cache=tmp_path / "c.jsonl").extract_many(ts, verdicts)
-        assert len(srv.requests) == n_requests
+        rerun = LLMExtractor(model, max_workers=3, cache=tmp_path / "c.jsonl")
+        again = rerun.extract_many(ts, verdicts)
+        # only the answer that could not be used is asked for again (and is cut off again)
+        assert len(srv.requests) == n_requests + 1
+        assert (rerun.stats().calls, rerun.stats().cache_hits, rerun.stats().failures) == (1, 5, 1)
         model.close()
     want = Verdict.failure(RootCause.tool_failure("pytest", "import error"))
     assert [v == want for v in verdicts] == [True, True, True, True, False, True]
