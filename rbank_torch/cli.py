@@ -991,6 +991,7 @@ def distill_config(args: argparse.Namespace) -> Any:
             min_trajectories_for_distillation=args.min_trajectories,
             deduplicate_lessons=not args.no_dedup,
             dedup_similarity_threshold=args.dedup_threshold,
+            readable_lessons=not getattr(args, "reference_lessons", False),
         )
     except ValueError as e:
         msg = str(e)
@@ -1514,6 +1515,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-dedup", action="store_true", help="keep near-duplicate lessons apart")
     g.add_argument("--dedup-threshold", type=float, default=0.85, metavar="T",
                    help="0.6*word-Jaccard + 0.4*cosine above which lessons merge (default: 0.85)")
+    g.add_argument("--reference-lessons", action="store_true",
+                   help="lesson texts word for word as the reference writes them (one recovery lesson per "
+                        "number of attempts) instead of one recovery lesson counted over all attempts")
     _llm_options(p)
     p.set_defaults(func=_cmd_distill)
 

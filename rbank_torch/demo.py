@@ -20,6 +20,7 @@ import torch
 from .bank import ReasoningBank, ReasoningBankConfig
 from .synthetic import generate_tasks
 from .trajectory import Trajectory, TrajectoryRecorder
+from .verdicts import VerdictAnalyzer
 
 QUESTIONS = [
     "my unit tests started failing after a refactor",
@@ -70,7 +71,9 @@ def run(n: int = 3000, seed: int = 0, out: str | None = None, quiet: bool = Fals
 
     t0 = time.perf_counter()
     trajectories = _build(tasks, embs)
-    bank = ReasoningBank(ReasoningBankConfig(embedding_dim=embedder.dim), embedder=embedder)
+    cfg = ReasoningBankConfig(embedding_dim=embedder.dim)
+    cfg.distillation_config.readable_lessons = True  # one recovery lesson, counted over all attempt counts
+    bank = ReasoningBank(cfg, embedder=embedder)
     for t in trajectories:
         bank.store_trajectory(t)
     timings["record + store"] = time.perf_counter() - t0
@@ -108,7 +111,7 @@ def run(n: int = 3000, seed: int = 0, out: str | None = None, quiet: bool = Fals
     timings["search"] = time.perf_counter() - t0
 
     failure = next(t for t in trajectories if t.is_failure and t.steps)
-    a = bank.analyze_verdict(failure)
+    a = VerdictAnalyzer(readable=True).analyze(failure)  # counts in the right number, tools named
     say(f"\nWhy did \"{failure.metadata.attributes['query']}\" fail?")
     say(f"  root cause: {a.root_cause}")
     say(f"  factors: {'; '.join(a.contributing_factors) or '-'}")

@@ -57,8 +57,9 @@ __all__ = [
 TRAJECTORY_OVERHEAD_BYTES = 256
 STEP_OVERHEAD_BYTES = 96
 COMPRESSED_OVERHEAD_BYTES = 128
-#: the lesson of every Recovered trajectory: one text whatever the number of attempts, so that all
-#: recoveries count as observations of one lesson instead of one near-duplicate per attempt count
+#: with ``readable_lessons``, the lesson of every Recovered trajectory: one text whatever the number of
+#: attempts, so that all recoveries count as observations of one lesson instead of one near-duplicate per
+#: attempt count (SPEC §5's text, "Recovery possible after <n> attempts via reflection", is the default)
 RECOVERY_LESSON = "Recovery possible via reflection"
 #: most example actions a lesson keeps
 MAX_EXAMPLE_ACTIONS = 10
@@ -113,6 +114,9 @@ class DistillationConfig:
     min_trajectories_for_distillation: int = 100
     deduplicate_lessons: bool = True
     dedup_similarity_threshold: float = 0.85
+    #: False: the lesson texts of SPEC §5 word for word; True: one recovery lesson whatever the number of
+    #: attempts (:data:`RECOVERY_LESSON`) — what the ``rbank distill`` command writes
+    readable_lessons: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -145,6 +149,8 @@ class DistillationConfig:
         if not math.isfinite(thr):
             raise ValueError(f"dedup_similarity_threshold must be finite, got {thr}")
         self.dedup_similarity_threshold = thr
+        if not isinstance(self.readable_lessons, bool):
+            raise ValueError(f"readable_lessons must be a bool, got {self.readable_lessons!r}")
 
 
 @dataclass(slots=True)
@@ -571,8 +577,9 @@ class _Chunk:
 class _Accumulator:
     """Mutable, growable form of :class:`DistillationPartial` that :class:`MemoryDistiller` fills."""
 
-    def __init__(self, min_quality: float) -> None:
+    def __init__(self, min_quality: float, readable: bool = False) -> None:
         self.min_quality = min_quality
+        self.readable = readable
         self.index: dict[str, int] = {}
         self.texts: list[str] = []
         self.emb_chunks: list[torch.Tensor] = []  # each [l, D] float32
@@ -698,6 +705,7 @@ class _Accumulator:
         """The per-trajectory pass: categories, sizes, compressed picks and lesson observations."""
         ch = _Chunk()
         min_q = self.min_quality
+        readable = self.readable
         index = self.index
         texts = self.texts
         tags_l, first_l, distinct_l = self.tags, self.first_actions, self.distinct
@@ -751,7 +759,7 @@ class _Accumulator:
             if kind is _V_FAILURE:
                 gen.append((failure_lesson(v.cause, t.steps), 8))  # type: ignore[arg-type]
             elif kind is _V_RECOVERED:
-                gen.append((RECOVERY_LESSON, 9))
+                gen.append((RECOVERY_LESSON if readable else f"Recovery possible after {v.attempts} attempts via reflection", 9))
             tpos = len(t_id)
             t_id.append(t.id)
             t_succ.append(1 if is_succ else 0)
@@ -942,7 +950,7 @@ class MemoryDistiller:
             raise ValueError(f"config must be a DistillationConfig, got {type(config).__name__}")
         config.validate()
         self.config = config
-        self._acc = _Accumulator(config.min_quality_threshold)
+        self._acc = _Accumulator(config.min_quality_threshold, config.readable_lessons)
         self._stats = DistillerStats()
 
     # -- streaming ------------------------------------------------------------------------------------
@@ -966,7 +974,7 @@ class MemoryDistiller:
 
     def reset(self) -> None:
         """Drop the running state."""
-        self._acc = _Accumulator(self.config.min_quality_threshold)
+        self._acc = _Accumulator(self.config.min_quality_threshold, self.config.readable_lessons)
 
     def partial(self) -> DistillationPartial:
         """A copy of the running state, to be merged elsewhere with :meth:`merge_partial`."""
@@ -1036,7 +1044,7 @@ class MemoryDistiller:
                 f"(min_trajectories_for_distillation), got {len(trajectories)}"
             )
         saved = self._acc
-        self._acc = _Accumulator(self.config.min_quality_threshold)
+        self._acc = _Accumulator(self.config.min_quality_threshold, self.config.readable_lessons)
         try:
             self.add(trajectories)
             return self.finish()

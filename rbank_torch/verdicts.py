@@ -409,13 +409,26 @@ def _builtin_strategies() -> list[RecoveryStrategy]:
 
 class VerdictAnalyzer:
     """Explains a trajectory's verdict: root cause, contributing factors, matching failure patterns,
-    applicable recovery strategies, lessons and improvements (SPEC §2). Thread-safe."""
+    applicable recovery strategies, lessons and improvements (SPEC §2). Thread-safe.
 
-    def __init__(self) -> None:
+    Args:
+        readable: ``False`` (default): the texts of SPEC §2 word for word ("1 steps failed", "Avoid: <action> -
+            <error>"). ``True``: counts in the right number ("1 step failed") and failed-step lessons that
+            name the step's tool and leave out an empty error (what the ``rbank`` command prints).
+    """
+
+    def __init__(self, readable: bool = False) -> None:
+        if not isinstance(readable, bool):
+            raise ValueError(f"readable must be a bool, got {readable!r}")
+        self.readable = readable
         self._patterns: dict[str, FailurePattern] = {p.id: p for p in _builtin_patterns()}
         self._strategies: list[RecoveryStrategy] = _builtin_strategies()
         self._analyses = 0
         self._lock = threading.Lock()
+
+    def _count(self, n: int, word: str) -> str:
+        """``"<n> <word>s"`` as SPEC §2 writes it, or in the right number when ``readable``."""
+        return plural(n, word) if self.readable else _spec_count(n, word)
 
     @property
     def failure_patterns(self) -> list[FailurePattern]:
@@ -450,10 +463,10 @@ class VerdictAnalyzer:
         factors: list[str] = []
         failed = [s for s in steps if s.outcome.is_failure]
         if failed:
-            factors.append(f"{plural(len(failed), 'step')} failed")
+            factors.append(f"{self._count(len(failed), 'step')} failed")
         low = sum(1 for s in steps if s.confidence < 0.5)
         if low:
-            factors.append(f"{plural(low, 'step')} had low confidence")
+            factors.append(f"{self._count(low, 'step')} had low confidence")
         for s in steps:
             if s.outcome.kind is StepOutcomeKind.NEEDS_RETRY:
                 factors.append(f"Step '{s.action}' needed retry: {s.outcome.reason}")
@@ -481,9 +494,9 @@ class VerdictAnalyzer:
                 lessons.append("Successful pattern: " + " -> ".join(ok))
         else:
             for s in failed:
-                lessons.append(failed_step_lesson(s))
+                lessons.append(failed_step_lesson(s) if self.readable else f"Avoid: {s.action} - {s.outcome.error}")
         if verdict.kind is VerdictKind.RECOVERED:
-            lessons.append(f"Recovery possible with {plural(verdict.attempts, 'reflection attempt')}")
+            lessons.append(f"Recovery possible with {self._count(verdict.attempts, 'reflection attempt')}")
 
         actions = [s.action.lower() for s in steps]
 
@@ -515,7 +528,7 @@ class VerdictAnalyzer:
         improvements: list[str] = []
         unsure = [s.action for s in steps if s.confidence < 0.6]
         if unsure:
-            improvements.append(f"Improve confidence in {plural(len(unsure), 'step')}: {', '.join(unsure[:3])}")
+            improvements.append(f"Improve confidence in {self._count(len(unsure), 'step')}: {', '.join(unsure[:3])}")
         if len(steps) > 2 and not any_action("verify", "check"):
             improvements.append("Consider adding verification steps")
         if verdict.kind is VerdictKind.FAILURE and not any(
@@ -536,6 +549,10 @@ class VerdictAnalyzer:
             confidence=confidence,
             improvements=improvements,
         )
+
+
+def _spec_count(n: int, word: str) -> str:
+    return f"{n} {word}s"
 
 
 def failed_step_lesson(step: TrajectoryStep) -> str:

@@ -169,11 +169,11 @@ def test_lesson_texts_and_importances():
         "Successful pattern: plan -> read -> write",
         "Avoid: Tool 'pytest' failed: timeout",
         "Successful pattern: rerun",
-        "Recovery possible via reflection",
+        "Recovery possible after 2 attempts via reflection",
         "Check inputs first",
     }  # a Partial trajectory yields only its explicit lessons
     assert got["Avoid: Tool 'pytest' failed: timeout"].importance == 0.8
-    assert got["Recovery possible via reflection"].importance == 0.9
+    assert got["Recovery possible after 2 attempts via reflection"].importance == 0.9
     assert got["Successful pattern: plan -> read -> write"].importance == 0.5
     assert got["Check inputs first"].importance == 0.5
     assert got["Check inputs first"].success_rate == 0.0  # Partial: not a success
@@ -246,7 +246,7 @@ def test_ordering_importance_times_log_count_ties_by_first_appearance():
         "nine",
         "five",
         "Avoid: Unknown failure: u",
-        "Recovery possible via reflection",
+        "Recovery possible after 1 attempts via reflection",
         "tie-b",
         "tie-a",
     ]
@@ -539,7 +539,8 @@ def reference_distill(ts, c: DistillationConfig):
         if t.verdict.kind == "failure":
             gen.append((failure_lesson(t.verdict.cause, t.steps), 8))
         if t.verdict.kind == "recovered":
-            gen.append(("Recovery possible via reflection", 9))
+            gen.append(("Recovery possible via reflection" if c.readable_lessons
+                        else f"Recovery possible after {t.verdict.attempts} attempts via reflection", 9))
         for text, imp in gen:
             le = RefLesson(text, t, imp)
             if text in table:
@@ -592,6 +593,7 @@ def assert_matches_reference(result: DistillationResult, ts, c):
         dict(dedup_similarity_threshold=0.6),
         dict(deduplicate_lessons=False),
         dict(max_lessons=5, dedup_similarity_threshold=0.5),
+        dict(readable_lessons=True),
     ],
 )
 def test_matches_plain_reference(seed, kw):
@@ -731,8 +733,10 @@ def test_sample_log_top_lessons_are_distinct_and_complete():
     from rbank_torch.logs import iter_log_batches
 
     log = pathlib.Path(__file__).resolve().parents[1] / "examples" / "sample_log.jsonl"
-    d = MemoryDistiller(DistillationConfig())
+    spec = MemoryDistiller(DistillationConfig())  # SPEC §5's texts: one recovery lesson per attempt count
+    d = MemoryDistiller(DistillationConfig(readable_lessons=True))
     for batch in iter_log_batches([log] * 4, embed=_hash_embed):
+        spec.add(batch.trajectories)
         d.add(batch.trajectories)
     r = d.finish()
     assert r.trajectories_processed == 960
@@ -744,3 +748,5 @@ def test_sample_log_top_lessons_are_distinct_and_complete():
     assert [k.content for k in rec] == ["Recovery possible via reflection"]
     assert rec[0].observation_count == 88 and top[0] == rec[0].content
     assert not any(re.search(r"\b1 (attempts|steps)\b", k.content) for k in r.key_lessons)
+    spec_rec = sorted(k.content for k in spec.finish().key_lessons if k.content.startswith("Recovery possible"))
+    assert spec_rec == [f"Recovery possible after {n} attempts via reflection" for n in (1, 2, 3)]

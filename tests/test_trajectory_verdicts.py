@@ -211,7 +211,7 @@ def test_analyzer_failure():
     t.total_latency_ms = 31_000
     a = VerdictAnalyzer().analyze(t)
     assert a.root_cause == cause
-    assert a.contributing_factors == ["2 steps failed", "1 step had low confidence", "Long execution time"]
+    assert a.contributing_factors == ["2 steps failed", "1 steps had low confidence", "Long execution time"]  # SPEC §2
     assert [p.id for p in a.failure_patterns] == ["context_gap", "tool_error"]
     assert [s.name for s in a.recovery_strategies] == ["Alternative Approach"]
     assert a.lessons == ["own lesson", "Avoid: search the web - timeout", "Avoid: execute script - exit 1"]
@@ -288,12 +288,19 @@ def test_texts_use_singular_for_one_and_leave_out_empty_details():
     assert Verdict.recovered(rc, 1, 0.85).description() == "Recovered after 1 attempt, quality 85%"
     steps = [("push the branch", StepOutcome.failure(""), 0.4), ("summarise", StepOutcome.success(), 0.9)]
     t = make_traj(steps, Verdict.recovered(rc, 1, 0.5))
-    a = VerdictAnalyzer().analyze(t)
+    a = VerdictAnalyzer(readable=True).analyze(t)
     assert a.contributing_factors == ["1 step failed", "1 step had low confidence"]
     assert a.lessons == ["Successful pattern: summarise", "Recovery possible with 1 reflection attempt"]
     assert a.improvements[0] == "Improve confidence in 1 step: push the branch"
-    f = VerdictAnalyzer().analyze(make_traj(steps, Verdict.failure(rc)))
+    f = VerdictAnalyzer(readable=True).analyze(make_traj(steps, Verdict.failure(rc)))
     assert f.lessons == ["Avoid: push the branch"]  # an empty error leaves no dangling dash
+    # by default the texts of SPEC §2, word for word
+    spec = VerdictAnalyzer().analyze(t)
+    assert spec.contributing_factors == ["1 steps failed", "1 steps had low confidence"]
+    assert spec.lessons == ["Successful pattern: summarise", "Recovery possible with 1 reflection attempts"]
+    assert VerdictAnalyzer().analyze(make_traj(steps, Verdict.failure(rc))).lessons == ["Avoid: push the branch - "]
+    with pytest.raises(ValueError, match="readable"):
+        VerdictAnalyzer(readable=1)  # type: ignore[arg-type]
 
 
 def test_failure_lesson_takes_the_error_of_the_failed_tool_step():
