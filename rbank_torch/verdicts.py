@@ -268,7 +268,7 @@ class Verdict:
             return f"Failure: {self.cause}"
         if self.kind is VerdictKind.PARTIAL:
             return f"Partial: {self.completion_ratio * 100:.0f}% complete"
-        return f"Recovered after {plural(self.attempts, 'attempt')}, quality {self.final_quality * 100:.0f}%"
+        return f"Recovered after {self.attempts} attempts, quality {self.final_quality * 100:.0f}%"  # SPEC §2
 
     def root_cause(self) -> RootCause | None:
         """The Failure's cause, or the Recovered's original cause."""

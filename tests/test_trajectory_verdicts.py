@@ -285,7 +285,7 @@ def test_texts_use_singular_for_one_and_leave_out_empty_details():
     assert str(RootCause.insufficient_context([])) == "Insufficient context"
     assert str(RootCause.unknown("")) == "Unknown failure"
     assert str(RootCause.resource_constraint("memory", "")) == "Resource constraint: memory"
-    assert Verdict.recovered(rc, 1, 0.85).description() == "Recovered after 1 attempt, quality 85%"
+    assert Verdict.recovered(rc, 2, 0.85).description() == "Recovered after 2 attempts, quality 85%"
     steps = [("push the branch", StepOutcome.failure(""), 0.4), ("summarise", StepOutcome.success(), 0.9)]
     t = make_traj(steps, Verdict.recovered(rc, 1, 0.5))
     a = VerdictAnalyzer(readable=True).analyze(t)
