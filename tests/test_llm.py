@@ -109,7 +109,7 @@ def test_prompts_are_versioned_and_carry_the_run():
     assert JUDGE_PROMPT_VERSION in jp and EXTRACT_PROMPT_VERSION in ep
     for p in (jp, ep):
         assert "Task: fix the failing unit test" in p and "[tool: pytest] -> failure: import error" in p
-    assert "Verdict: Recovered after 1 attempt, quality 90%" in ep and "at most 2 memories" in ep
+    assert "Verdict: Recovered after 1 attempts, quality 90%" in ep and "at most 2 memories" in ep
     assert "Verdict:" not in jp  # the judge decides it
     many = make_traj()
     for i in range(100):
