@@ -23,7 +23,12 @@ __all__ = [
     "check_unit",
     "check_finite_number",
     "check_int",
+    "check_text",
     "EPOCH",
+    "MAX_TEXT_BYTES",
+    "MAX_CATEGORY_BYTES",
+    "MAX_LIST_ITEMS",
+    "MAX_PATTERN_TEXT_BYTES",
     "MAX_ID",
     "MAX_COUNT",
 ]
@@ -34,6 +39,16 @@ EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 MAX_ID = 2**63 - 1
 #: the largest usage or success count (int64 columns; counts saturate here instead of wrapping)
 MAX_COUNT = 2**63 - 1
+#: the longest single string of a pattern (a lesson, an example action, a tag, the source, an attribute
+#: key or value, the text), in UTF-8 bytes
+MAX_TEXT_BYTES = 64 * 1024
+#: the longest category name (``custom:<name>`` included), in UTF-8 bytes
+MAX_CATEGORY_BYTES = 128
+#: the most entries in one list of a pattern (lessons, example actions, tags, source trajectories,
+#: attributes)
+MAX_LIST_ITEMS = 4096
+#: the most UTF-8 bytes of all the strings of one pattern together
+MAX_PATTERN_TEXT_BYTES = 4 * 1024 * 1024
 
 _id_lock = threading.Lock()
 _id_counter = itertools.count(1)
@@ -91,6 +106,28 @@ def check_int(value: Any, field: str, lo: int = 0, hi: int = MAX_COUNT) -> int:
     if not lo <= v <= hi:
         raise ValueError(f"{field} must be an integer within [{lo}, {hi}], got {v}")
     return v
+
+
+def check_text(value: Any, field: str, max_bytes: int = MAX_TEXT_BYTES) -> int:
+    """Check that ``value`` is a ``str`` that UTF-8 can encode (no lone surrogate) of at most ``max_bytes``
+    bytes; returns its size in bytes. Raises ``ValueError`` naming ``field``."""
+    if type(value) is not str:
+        if not isinstance(value, str):
+            raise ValueError(f"{field} must be a string, got {type(value).__name__}")
+        value = str.__str__(value)
+    if value.isascii():
+        n = len(value)
+    else:
+        try:
+            n = len(value.encode("utf-8"))
+        except UnicodeEncodeError as e:
+            raise ValueError(
+                f"{field} holds a lone surrogate ({value[e.start]!r} at index {e.start}), which UTF-8 cannot "
+                "encode"
+            ) from None
+    if n > max_bytes:
+        raise ValueError(f"{field} is {n} bytes of UTF-8; at most {max_bytes} are accepted")
+    return n
 
 
 def check_finite_number(value: Any, field: str) -> float:

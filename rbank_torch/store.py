@@ -23,7 +23,20 @@ from typing import Any
 
 import torch
 
-from ._util import EPOCH, as_embedding, as_embedding_batch, check_int, check_unit, dt_to_us, us_to_dt, utcnow
+from ._util import (
+    EPOCH,
+    MAX_CATEGORY_BYTES,
+    MAX_LIST_ITEMS,
+    MAX_PATTERN_TEXT_BYTES,
+    as_embedding,
+    as_embedding_batch,
+    check_int,
+    check_text,
+    check_unit,
+    dt_to_us,
+    us_to_dt,
+    utcnow,
+)
 from .importance import importance_scores
 from .patterns import BUILTIN_CATEGORIES, Pattern, PatternCategory, PatternMetadata, PatternSearchResult
 
@@ -265,8 +278,44 @@ def _check_scalars(p: Pattern, min_confidence: float) -> _Row:
     except TypeError:
         raise ValueError("created_at and last_accessed must be timezone-aware datetimes") from None
     _check_side_ints(p)
+    _check_texts(p, r.cat)
     r.side = _Side(p)
     return r
+
+
+def _check_list(v: Any, field: str) -> Sequence:
+    if isinstance(v, (str, bytes)) or not isinstance(v, Sequence):
+        raise ValueError(f"{field} must be a list, got {type(v).__name__}")
+    if len(v) > MAX_LIST_ITEMS:
+        raise ValueError(f"{field} has {len(v)} entries; at most {MAX_LIST_ITEMS} are accepted")
+    return v
+
+
+def _check_texts(p: Pattern, cat: PatternCategory) -> None:
+    """Every string of ``p`` encodes as UTF-8 (no lone surrogate) within the size caps, so whatever is
+    accepted also saves (snapshot and journal) and loads back."""
+    check_text(cat.name, "category", MAX_CATEGORY_BYTES)
+    md = p.metadata
+    total = check_text(str(p.uuid), "uuid", 256) + check_text(str(md.source), "metadata.source")
+    text = getattr(p, "text", None)
+    if text is not None:
+        total += check_text(text, "text")
+    for name, items in (("lessons", p.lessons), ("example_actions", p.example_actions), ("metadata.tags", md.tags)):
+        for i, s in enumerate(_check_list(items, name)):
+            total += check_text(s if isinstance(s, str) else str(s), f"{name}[{i}]")  # stored as str(s)
+    _check_list(p.source_trajectories, "source_trajectories")
+    attrs = md.attributes
+    if not isinstance(attrs, dict):
+        raise ValueError(f"metadata.attributes must be a dict, got {type(attrs).__name__}")
+    if len(attrs) > MAX_LIST_ITEMS:
+        raise ValueError(f"metadata.attributes has {len(attrs)} entries; at most {MAX_LIST_ITEMS} are accepted")
+    for k, v in attrs.items():
+        total += check_text(k if isinstance(k, str) else str(k), "metadata.attributes key")
+        total += check_text(v if isinstance(v, str) else str(v), f"metadata.attributes[{k!r}]")
+    if total > MAX_PATTERN_TEXT_BYTES:
+        raise ValueError(
+            f"pattern {p.id}: its strings hold {total} bytes of UTF-8; at most {MAX_PATTERN_TEXT_BYTES} are accepted"
+        )
 
 
 def _check_side_ints(p: Pattern) -> None:

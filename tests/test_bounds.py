@@ -141,3 +141,58 @@ def test_log_started_at_out_of_range_names_the_field(tmp_path):
     with pytest.raises(LogFormatError) as ei:
         read_log([str(f)])
     assert ei.value.field == "started_at"
+
+
+# ---------------------------------------------------------------------- strings: whatever is accepted saves
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("lessons", ["ok", "bad \ud800 surrogate"], r"lessons\[1\].*surrogate"),
+        ("example_actions", ["\udfff"], r"example_actions\[0\].*surrogate"),
+        ("category", "custom:\ud800", "category.*surrogate"),
+        ("category", "custom:" + "x" * 200, "category.*at most 128"),
+        ("lessons", ["x" * (64 * 1024 + 1)], r"lessons\[0\].*at most 65536"),
+        ("lessons", ["l"] * 5000, "lessons has 5000 entries"),
+        ("lessons", ["y" * 60_000] * 80, "at most 4194304"),
+    ],
+)
+def test_unsaveable_strings_are_refused_at_the_boundary(tmp_path, field, value, match):
+    from rbank_torch import PatternCategory
+
+    bank = ReasoningBank(ReasoningBankConfig(embedding_dim=D, storage_path=str(tmp_path)), journal=True)
+    keep = _p(lessons=["é ok 😀"])
+    bank.store.store_pattern(keep)
+    bad = _p()
+    if field == "category":
+        with pytest.raises(ValueError, match=match):
+            bad.category = PatternCategory.parse(value)
+            bank.store.store_pattern(bad)
+    else:
+        setattr(bad, field, value)
+        with pytest.raises(ValueError, match=match):
+            bank.store.store_pattern(bad)
+        assert bank.import_patterns([bad]) == 0
+    bank.save()  # never fails after a refused pattern
+    bank.close()
+    again = ReasoningBank.load(str(tmp_path / "bank.safetensors"), journal=True)
+    assert [p.id for p in again.export_patterns()] == [keep.id]
+    assert again.export_patterns()[0].lessons == ["é ok 😀"]
+    again.close()
+
+
+def test_strings_at_the_caps_save_and_reload(tmp_path):
+    from rbank_torch import PatternCategory
+
+    bank = ReasoningBank(ReasoningBankConfig(embedding_dim=D, storage_path=str(tmp_path)), journal=True)
+    p = _p(lessons=["é" * (32 * 1024)] * 60, example_actions=["a" * 1000] * 10)
+    p.category = PatternCategory.parse("custom:" + "c" * (128 - 7))
+    p.metadata.attributes = {"k" * 100: "v" * 60_000}
+    bank.store.store_pattern(p)
+    bank.close()  # reopen from the journal alone
+    again = ReasoningBank(ReasoningBankConfig(embedding_dim=D, storage_path=str(tmp_path)), journal=True)
+    got = again.store.get_pattern(p.id)
+    assert got is not None and got.lessons == p.lessons and str(got.category) == str(p.category)
+    again.save()
+    again.close()
+    loaded = ReasoningBank.load(str(tmp_path / "bank.safetensors"))
+    assert loaded.store.get_pattern(p.id).metadata.attributes == {"k" * 100: "v" * 60_000}
