@@ -261,6 +261,11 @@ def _attrs(v: Any, fld: str) -> dict[str, str]:
 MAX_RECORD_ID = 2**53 - 1
 #: the largest count (tokens) and number of milliseconds read
 MAX_COUNT = 2**53 - 1
+#: the longest line of a JSONL log read, in bytes (newline excluded); a longer line is a bad line, skipped
+#: in bounded chunks without ever being held in memory whole
+MAX_LINE_BYTES = 16 * 1024 * 1024
+#: the longest query text read, in characters (it goes to the text model)
+MAX_QUERY_CHARS = 1024 * 1024
 
 
 def _count(v: Any, fld: str) -> int:
@@ -464,6 +469,8 @@ def parse_record(
     query = obj.get("query")
     if query is not None and type(query) is not str:
         _str(query, "query")
+    if query is not None and len(query) > MAX_QUERY_CHARS:
+        raise _FieldError("query", f"is {len(query)} characters long; at most {MAX_QUERY_CHARS} are read")
     emb = obj.get("query_embedding")
     if emb is not None:
         _embedding_list(emb, "query_embedding")
@@ -809,6 +816,28 @@ def _open_text(path: Path) -> BinaryIO:
     return open(path, "rb", buffering=1 << 20)
 
 
+def _bounded_lines(f: BinaryIO) -> Iterator[tuple[bytes | None, int]]:
+    """``(line, bytes read)`` for each line of ``f``; a line longer than :data:`MAX_LINE_BYTES` comes as
+    ``(None, its length)``, read past in bounded chunks (memory stays bounded however long the line)."""
+    while True:
+        raw = f.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        if len(raw) <= MAX_LINE_BYTES or raw.endswith(b"\n"):
+            yield raw, len(raw)
+            continue
+        n = len(raw)
+        while True:
+            more = f.readline(_SKIP_CHUNK)
+            n += len(more)
+            if not more or more.endswith(b"\n"):
+                break
+        yield None, n
+
+
+_SKIP_CHUNK = 1 << 20
+
+
 def _iter_jsonl(
     path: Path, b: _ChunkBuilder, chunk_size: int, fast: bool, start: int = 0, end: int | None = None
 ) -> Iterator[LogBatch]:
@@ -816,13 +845,17 @@ def _iter_jsonl(
     stats = b.stats
     with _open_text(path) as f:
         lineno = 0
-        for raw in f:
+        for raw, nbytes in _bounded_lines(f):
             lineno += 1
             if lineno <= start:
                 continue
             if end is not None and lineno > end:
                 break
-            b.nbytes += len(raw)
+            b.nbytes += nbytes
+            if raw is None:
+                stats.lines += 1
+                b.bad(lineno, None, f"line is {nbytes} bytes long; at most {MAX_LINE_BYTES} are read")
+                continue
             raw = raw.strip()
             if not raw:
                 continue

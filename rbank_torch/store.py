@@ -58,6 +58,9 @@ _DTYPES = {
 _NEG_INF = float("-inf")
 _F32_MAX = torch.finfo(torch.float32).max
 _I64_MAX = 2**63 - 1
+#: search_similar_batch pads missing slots up to k only while B·k stays within this many slots; past it
+#: (a huge k) the result has min(k, live count) columns instead of allocating B·k
+_MAX_PAD_SLOTS = 1 << 22
 #: a float64 sum of counts at or above this may exceed the int64 max: the count saturates
 _I64_SATURATE = float(2**63 - 2**11)
 
@@ -1006,6 +1009,8 @@ class PatternStore:
         Returns:
             (similarities ``[B, k]`` float32, ids ``[B, k]`` int64), best first; missing slots hold −inf / −1.
             Similarity is the cosine (``cosine``), the dot product (``dot``) or 1/(1+distance) (``euclidean``).
+            The search itself never looks for more than the live count; when ``k`` is so large that padding
+            would pass 4 194 304 slots (B·k), the result has only min(k, live count) columns.
         """
         k = _check_k(k, "k")
         # an approximate backend may validate and prepare plain CPU float32 queries itself (cheaper per call)
@@ -1016,6 +1021,10 @@ class PatternStore:
         with self._lock:
             self._flush()
             qp, qsq = pre if pre is not None else self._prepare_queries(pre_q)
+            k_out = k
+            k = min(k, len(self))  # never more than the live count: a huge k must not allocate B·k slots
+            if k_out > k and qp.shape[0] * k_out > _MAX_PAD_SLOTS:
+                k_out = k
             plan = self._backend.begin_search(qp, qsq, k)
             if plan is None:
                 s, r = self._search_rows(qp, k)
@@ -1025,8 +1034,8 @@ class PatternStore:
             s, ids = plan.run()
         s = self._finish_scores(s, qsq)
         B = qp.shape[0]
-        if s.shape[1] < k:
-            pad = k - s.shape[1]
+        if s.shape[1] < k_out:
+            pad = k_out - s.shape[1]
             s = torch.cat([s, torch.full((B, pad), _NEG_INF, device=self.device)], dim=1)
             ids = torch.cat([ids, torch.full((B, pad), -1, dtype=torch.int64, device=self.device)], dim=1)
         with self._lock:
