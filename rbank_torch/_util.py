@@ -24,6 +24,7 @@ __all__ = [
     "check_finite_number",
     "check_int",
     "check_text",
+    "loadable_device",
     "EPOCH",
     "MAX_TEXT_BYTES",
     "MAX_CATEGORY_BYTES",
@@ -130,6 +131,33 @@ def check_text(value: Any, field: str, max_bytes: int = MAX_TEXT_BYTES) -> int:
     return n
 
 
+def loadable_device(device: str, what: str) -> str:
+    """The device to load a file saved on ``device`` onto: ``device`` when this torch can use it, else
+    ``"cpu"`` with a warning (a bank saved on a GPU machine opens on a CPU-only one)."""
+    import warnings
+
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return device
+    try:
+        if dev.type == "cuda":
+            ok = torch.cuda.is_available() and (dev.index is None or dev.index < torch.cuda.device_count())
+        else:
+            torch.empty(0, device=dev)
+            ok = True
+    except (RuntimeError, AssertionError, ValueError):
+        ok = False
+    if ok:
+        return device
+    warnings.warn(
+        f"{what} was saved on device {device!r}, which this torch installation cannot use; loading it on the CPU "
+        "(pass device=... to choose)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return "cpu"
+
+
 def check_finite_number(value: Any, field: str) -> float:
     """Return ``value`` as float, raising ``ValueError`` naming ``field`` when not a finite number."""
     try:
@@ -151,8 +179,14 @@ def check_unit(value: Any, field: str) -> float:
 
 def _to_tensor(x: Any, field: str, dtype: torch.dtype) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
+        if x.layout != torch.strided:
+            raise ValueError(f"{field} must be a dense tensor, got layout {x.layout}")
+        if x.is_meta:
+            raise ValueError(f"{field} is a 'meta' tensor, which holds no values")
         t = x.detach()
     elif isinstance(x, np.ndarray):
+        if x.dtype.kind not in "biuf":
+            raise ValueError(f"{field} must hold real numbers, got a numpy array of dtype {x.dtype}")
         t = torch.from_numpy(np.ascontiguousarray(x))
     elif isinstance(x, Sequence) and not isinstance(x, (str, bytes)):
         try:

@@ -14,7 +14,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ._util import as_embedding, bump_id_counter, check_int, check_unit, dt_to_us, us_to_dt, utcnow
+from ._util import (
+    as_embedding,
+    bump_id_counter,
+    check_int,
+    check_unit,
+    dt_to_us,
+    loadable_device,
+    us_to_dt,
+    utcnow,
+)
 from .consolidation import ConsolidationConfig
 from .patterns import Pattern, PatternCategory, PatternSearchResult
 from .store import LowConfidenceError, PatternStats, PatternStore, PatternStoreConfig
@@ -660,6 +669,8 @@ class ReasoningBank:
 
         try:
             cfg = ReasoningBankConfig.from_dict(meta["config"])
+            if "device" not in pattern_overrides:  # saved on a GPU, opened where none is usable: the CPU
+                cfg.device = loadable_device(cfg.device, f"bank {path}")
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, OverflowError) as e:
             raise SnapshotError(f"{path}: corrupt or incompatible bank snapshot ({type(e).__name__}: {e})") from None
         # overrides (device, backend, ef_search, …) apply to the bank's config and to the loaded store
@@ -849,8 +860,8 @@ def _trajectories_from_tensors(
         raise SnapshotError("corrupt snapshot: trajectory table has the wrong dtype")
     try:
         docs = json.loads(raw.numpy().tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SnapshotError(f"corrupt snapshot: trajectory table ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise SnapshotError(f"corrupt snapshot: trajectory table ({type(e).__name__}: {e})") from None
     if not isinstance(docs, list) or len(docs) != len(queries) or len(docs) != int(meta.get("count", -1)):
         raise SnapshotError("corrupt snapshot: trajectory count mismatch")
     out = []

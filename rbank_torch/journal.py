@@ -180,7 +180,8 @@ def decode_payload(blob: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]
         header = json.loads(blob[8 : 8 + n])
         meta = json.loads(header["__metadata__"]["rbank.record"])
     except (SafetensorError, ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise JournalError(f"malformed journal record ({e})") from None
+        # RuntimeError includes RecursionError (JSON nested too deeply)
+        raise JournalError(f"malformed journal record ({type(e).__name__}: {e})") from None
     if not isinstance(meta, dict):
         raise JournalError("malformed journal record (metadata is not an object)")
     tensors.pop("_", None)

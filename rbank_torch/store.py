@@ -34,6 +34,7 @@ from ._util import (
     check_text,
     check_unit,
     dt_to_us,
+    loadable_device,
     us_to_dt,
     utcnow,
 )
@@ -130,9 +131,11 @@ class PatternStoreConfig:
         if not 0.0 < float(self.compact_dead_fraction) <= 1.0:
             raise ValueError(f"compact_dead_fraction must be in (0, 1], got {self.compact_dead_fraction!r}")
         try:
-            torch.device(self.device)
+            dev = torch.device(self.device)
         except (RuntimeError, TypeError):
             raise ValueError(f"device must be a torch device string, got {self.device!r}") from None
+        if dev.type == "meta":
+            raise ValueError("device must hold data: 'meta' tensors have none (use 'cpu' or 'cuda')")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -350,8 +353,8 @@ def _prepare(patterns: Sequence[Pattern], dim: int, min_confidence: float) -> tu
     E = None
     try:  # fast path: a list of 1-D tensors of the right size on one device
         E = torch.stack(embs).detach()
-        if E.shape != (len(embs), dim):
-            E = None
+        if E.shape != (len(embs), dim) or E.layout != torch.strided or E.is_meta:
+            E = None  # the checked path below names what is wrong
     except (TypeError, RuntimeError):
         E = None
     if E is None:
@@ -1151,6 +1154,8 @@ class PatternStore:
         _check_overrides(overrides)
         try:
             cfg = PatternStoreConfig.from_dict(dict(meta["config"]))
+            if "device" not in overrides:  # saved on a GPU, opened where none is usable: the CPU, with a warning
+                cfg.device = loadable_device(cfg.device, "the pattern store")
             for k, v in overrides.items():
                 setattr(cfg, k, v)
             cfg.validate()
@@ -1172,8 +1177,8 @@ class PatternStore:
             if not isinstance(side, list) or len(side) != count:
                 raise ValueError("side table length")
             sides = [_Side.from_json(j) for j in side]
-        except (ValueError, TypeError, UnicodeDecodeError) as e:
-            raise SnapshotError(f"corrupt snapshot: bad pattern side table ({e})") from None
+        except (ValueError, TypeError, UnicodeDecodeError, RecursionError) as e:
+            raise SnapshotError(f"corrupt snapshot: bad pattern side table ({type(e).__name__}: {e})") from None
         codes = cols["category_code"]
         if count and (int(codes.min()) < 0 or int(codes.max()) >= len(names)):
             raise SnapshotError("corrupt snapshot: category code out of range")
