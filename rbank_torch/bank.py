@@ -251,7 +251,7 @@ class ReasoningBank:
         self._journal = j
         # held weakly: a bank dropped without close() (as a crashed process drops it) is freed at once, and
         # with it its journal handle and its writer lock
-        self._store._listener = weakref.proxy(self)
+        self._store._listener = _StoreListener(self)
 
     def _check_identity(self, j: Any) -> None:
         """A journal holds one bank's records: refuse another bank's (never replay foreign records)."""
@@ -708,6 +708,32 @@ class ReasoningBank:
             bank._bank_id = bid
             bank._identity_known = True
         return bank
+
+
+class _StoreListener:
+    """The bank as its store's listener, held weakly: a bank dropped without ``close()`` (as a crashed
+    process drops it) is freed at once, and with it its journal handle and its writer lock. A store kept
+    after its bank is gone goes on alone (its changes then reach no journal)."""
+
+    __slots__ = ("_ref",)
+
+    def __init__(self, bank: ReasoningBank) -> None:
+        self._ref = weakref.ref(bank)
+
+    def touched(self, ids: Any) -> None:
+        bank = self._ref()
+        if bank is not None:
+            bank.touched(ids)
+
+    def op_done(self) -> None:
+        bank = self._ref()
+        if bank is not None:
+            bank.op_done()
+
+    def check_writable(self) -> None:
+        bank = self._ref()
+        if bank is not None:
+            bank.check_writable()
 
 
 def _lock_for_load(

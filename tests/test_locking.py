@@ -166,3 +166,17 @@ def test_two_ingests_into_one_bank_keep_every_trajectory(tmp_path):
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert ReasoningBank.load(str(bank)).stats().total_trajectories == 450
+
+
+def test_a_store_kept_after_its_bank_is_dropped_still_works(tmp_path):
+    from rbank_torch import Pattern
+
+    a = ReasoningBank(_cfg(tmp_path), journal=True)
+    _store(a, 1)
+    store = a.store
+    del a
+    pid = store.store_pattern(Pattern.new(torch.randn(D), "general", 0.9))
+    assert store.get_pattern(pid) is not None and len(store) == 2
+    b = ReasoningBank(_cfg(tmp_path), journal=True)  # the dropped bank's lock was released
+    assert len(b.trajectories) == 1
+    b.close()
