@@ -192,6 +192,7 @@ class ReasoningBank:
         self._identity_known = False  # True once the identity came from a snapshot
         self._bank_lock: Any = None
         self._write_error: BaseException | None = None
+        self._read_only = False
         self._store = PatternStore(cfg.resolved_pattern_config())
         self._analyzer = VerdictAnalyzer()
         self._trajectories: list[Trajectory] = []
@@ -218,16 +219,17 @@ class ReasoningBank:
         return os.path.abspath(os.fspath(journal))
 
     def _attach_journal(
-        self, journal: bool | str | os.PathLike, fsync: str, after_seq: int, lock_timeout: float = 0.0
+        self, journal: bool | str | os.PathLike, fsync: str, after_seq: int, lock_timeout: float = 0.0,
+        read_only: bool = False,
     ) -> None:
         from .journal import Journal, JournalError
         from .locking import BankLock
 
         path = self._journal_path(journal)
-        if self._bank_lock is None:
+        if self._bank_lock is None and not read_only:
             self._bank_lock = BankLock(path, lock_timeout).acquire()
         try:
-            j = Journal(path, fsync=fsync, bank_id=self._bank_id)
+            j = Journal(path, fsync=fsync, bank_id=self._bank_id, read_only=read_only)
             try:
                 self._check_identity(j)
                 base = j._base_seq()
@@ -237,7 +239,7 @@ class ReasoningBank:
                         f"record {after_seq}: the records in between are missing (load the newer snapshot with "
                         "this journal)"
                     )
-                if j.last_seq < after_seq:
+                if j.last_seq < after_seq and not read_only:
                     # every record in it is already in the snapshot: number new records after the snapshot's
                     j.reset(after_seq)
                 self.replayed_records = self._replay(j, after_seq)
@@ -245,10 +247,12 @@ class ReasoningBank:
                 j.close()
                 raise
         except BaseException:
-            self._bank_lock.release()
-            self._bank_lock = None
+            if self._bank_lock is not None:
+                self._bank_lock.release()
+                self._bank_lock = None
             raise
         self._journal = j
+        self._read_only = read_only
         # held weakly: a bank dropped without close() (as a crashed process drops it) is freed at once, and
         # with it its journal handle and its writer lock
         self._store._listener = _StoreListener(self)
@@ -271,6 +275,11 @@ class ReasoningBank:
         earlier change: the bank refuses changes until :meth:`save` or a reopen."""
         from .journal import JournalWriteError
 
+        if self._read_only:
+            raise JournalWriteError(
+                f"{self._journal.path}: this bank was opened read-only (load(..., read_only=True)); it takes no "
+                "changes (open it with a journal and without read_only to write)"
+            )
         err = self._write_error
         if err is None and self._journal is not None:
             err = self._journal.failed
@@ -592,6 +601,8 @@ class ReasoningBank:
         from .snapshot import write_snapshot
 
         path = path or _default_path(self._storage_path)
+        if self._read_only:
+            self.check_writable()  # raises: a read-only bank does not save (that would start its journal over)
         with self._lock:
             tensors, store_meta = self._store.state_tensors("patterns/")
             traj_tensors, traj_meta = _trajectories_to_tensors(self._trajectories)
@@ -629,6 +640,7 @@ class ReasoningBank:
         journal: bool | str | os.PathLike | None = None,
         fsync: str = "always",
         lock_timeout: float = 0.0,
+        read_only: bool = False,
         **pattern_overrides: Any,
     ) -> ReasoningBank:
         """Load a bank written by :meth:`save`, then replay the journal (when given) past the snapshot.
@@ -641,20 +653,25 @@ class ReasoningBank:
         With a journal the bank is the bank's one writer: the journal's lock is taken (waiting up to
         ``lock_timeout`` seconds) before the snapshot is read, so the snapshot and the journal are read as
         the previous writer left them. A journal of another bank (another identity) raises ``JournalError``.
-        Without a journal no lock is taken: a read-only open works while a writer holds the bank."""
+        Without a journal no lock is taken: a read-only open works while a writer holds the bank. With
+        ``read_only=True`` the journal's records are replayed too, without the lock and without touching
+        the journal (a damaged or unfinished last record is skipped, not cut off); the bank then refuses
+        every change and ``save()``. A read-only open that races the writer's ``save()`` may raise
+        ``JournalError``: open it again."""
         from .snapshot import read_snapshot
         from .store import _check_overrides
 
         _check_overrides(pattern_overrides)
         tensors, meta = read_snapshot(path, _BANK_FORMAT)
         lock = None
-        if journal:
+        if journal and not read_only:
             lock, tensors, meta = _lock_for_load(path, journal, meta, tensors, lock_timeout)
         try:
             bank = cls._from_snapshot(path, tensors, meta, pattern_overrides)
             bank._bank_lock = lock
             if journal:
-                bank._attach_journal(journal, fsync, after_seq=int(meta.get("journal_seq", 0)))
+                bank._attach_journal(journal, fsync, after_seq=int(meta.get("journal_seq", 0)),
+                                     read_only=read_only)
         except BaseException:
             if lock is not None:
                 lock.release()
