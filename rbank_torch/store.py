@@ -28,6 +28,7 @@ from ._util import (
     MAX_CATEGORY_BYTES,
     MAX_LIST_ITEMS,
     MAX_PATTERN_TEXT_BYTES,
+    MAX_TEXT_BYTES,
     as_embedding,
     as_embedding_batch,
     check_int,
@@ -300,8 +301,24 @@ def _check_list(v: Any, field: str) -> Sequence:
 def _check_texts(p: Pattern, cat: PatternCategory) -> None:
     """Every string of ``p`` encodes as UTF-8 (no lone surrogate) within the size caps, so whatever is
     accepted also saves (snapshot and journal) and loads back."""
-    check_text(cat.name, "category", MAX_CATEGORY_BYTES)
     md = p.metadata
+    # NOTE: the common case (a few short ASCII strings) is settled with C-level joins and maps; anything
+    # else takes the field-by-field check below, which names the offending field
+    lessons, actions, tags = p.lessons, p.example_actions, md.tags
+    if (type(lessons) is list and type(actions) is list and type(tags) is list and not md.attributes
+            and getattr(p, "text", None) is None and len(lessons) <= MAX_LIST_ITEMS
+            and len(actions) <= MAX_LIST_ITEMS and len(tags) <= MAX_LIST_ITEMS
+            and len(p.source_trajectories) <= MAX_LIST_ITEMS):
+        strs = [*lessons, *actions, *tags, p.uuid, md.source, cat.name]
+        try:
+            joined = "".join(strs)
+        except TypeError:
+            joined = None
+        if (joined is not None and joined.isascii() and len(joined) <= MAX_PATTERN_TEXT_BYTES
+                and len(cat.name) <= MAX_CATEGORY_BYTES and len(p.uuid) <= 256
+                and max(map(len, strs)) <= MAX_TEXT_BYTES):
+            return
+    check_text(cat.name, "category", MAX_CATEGORY_BYTES)
     total = check_text(str(p.uuid), "uuid", 256) + check_text(str(md.source), "metadata.source")
     text = getattr(p, "text", None)
     if text is not None:
