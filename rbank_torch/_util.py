@@ -23,7 +23,13 @@ __all__ = [
     "check_unit",
     "check_finite_number",
     "check_int",
+    "check_text",
+    "loadable_device",
     "EPOCH",
+    "MAX_TEXT_BYTES",
+    "MAX_CATEGORY_BYTES",
+    "MAX_LIST_ITEMS",
+    "MAX_PATTERN_TEXT_BYTES",
     "MAX_ID",
     "MAX_COUNT",
 ]
@@ -34,6 +40,16 @@ EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 MAX_ID = 2**63 - 1
 #: the largest usage or success count (int64 columns; counts saturate here instead of wrapping)
 MAX_COUNT = 2**63 - 1
+#: the longest single string of a pattern (a lesson, an example action, a tag, the source, an attribute
+#: key or value, the text), in UTF-8 bytes
+MAX_TEXT_BYTES = 64 * 1024
+#: the longest category name (``custom:<name>`` included), in UTF-8 bytes
+MAX_CATEGORY_BYTES = 128
+#: the most entries in one list of a pattern (lessons, example actions, tags, source trajectories,
+#: attributes)
+MAX_LIST_ITEMS = 4096
+#: the most UTF-8 bytes of all the strings of one pattern together
+MAX_PATTERN_TEXT_BYTES = 4 * 1024 * 1024
 
 _id_lock = threading.Lock()
 _id_counter = itertools.count(1)
@@ -93,6 +109,55 @@ def check_int(value: Any, field: str, lo: int = 0, hi: int = MAX_COUNT) -> int:
     return v
 
 
+def check_text(value: Any, field: str, max_bytes: int = MAX_TEXT_BYTES) -> int:
+    """Check that ``value`` is a ``str`` that UTF-8 can encode (no lone surrogate) of at most ``max_bytes``
+    bytes; returns its size in bytes. Raises ``ValueError`` naming ``field``."""
+    if type(value) is not str:
+        if not isinstance(value, str):
+            raise ValueError(f"{field} must be a string, got {type(value).__name__}")
+        value = str.__str__(value)
+    if value.isascii():
+        n = len(value)
+    else:
+        try:
+            n = len(value.encode("utf-8"))
+        except UnicodeEncodeError as e:
+            raise ValueError(
+                f"{field} holds a lone surrogate ({value[e.start]!r} at index {e.start}), which UTF-8 cannot "
+                "encode"
+            ) from None
+    if n > max_bytes:
+        raise ValueError(f"{field} is {n} bytes of UTF-8; at most {max_bytes} are accepted")
+    return n
+
+
+def loadable_device(device: str, what: str) -> str:
+    """The device to load a file saved on ``device`` onto: ``device`` when this torch can use it, else
+    ``"cpu"`` with a warning (a bank saved on a GPU machine opens on a CPU-only one)."""
+    import warnings
+
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return device
+    try:
+        if dev.type == "cuda":
+            ok = torch.cuda.is_available() and (dev.index is None or dev.index < torch.cuda.device_count())
+        else:
+            torch.empty(0, device=dev)
+            ok = True
+    except (RuntimeError, AssertionError, ValueError):
+        ok = False
+    if ok:
+        return device
+    warnings.warn(
+        f"{what} was saved on device {device!r}, which this torch installation cannot use; loading it on the CPU "
+        "(pass device=... to choose)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return "cpu"
+
+
 def check_finite_number(value: Any, field: str) -> float:
     """Return ``value`` as float, raising ``ValueError`` naming ``field`` when not a finite number."""
     try:
@@ -114,8 +179,14 @@ def check_unit(value: Any, field: str) -> float:
 
 def _to_tensor(x: Any, field: str, dtype: torch.dtype) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
+        if x.layout != torch.strided:
+            raise ValueError(f"{field} must be a dense tensor, got layout {x.layout}")
+        if x.is_meta:
+            raise ValueError(f"{field} is a 'meta' tensor, which holds no values")
         t = x.detach()
     elif isinstance(x, np.ndarray):
+        if x.dtype.kind not in "biuf":
+            raise ValueError(f"{field} must hold real numbers, got a numpy array of dtype {x.dtype}")
         t = torch.from_numpy(np.ascontiguousarray(x))
     elif isinstance(x, Sequence) and not isinstance(x, (str, bytes)):
         try:

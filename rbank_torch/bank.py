@@ -22,6 +22,7 @@ from ._util import (
     check_int,
     check_unit,
     dt_to_us,
+    loadable_device,
     next_id,
     us_to_dt,
     utcnow,
@@ -236,6 +237,7 @@ class ReasoningBank:
         self._identity_known = False  # True once the identity came from a snapshot
         self._bank_lock: Any = None
         self._write_error: BaseException | None = None
+        self._read_only = False
         self._store = PatternStore(cfg.resolved_pattern_config())
         self._analyzer = VerdictAnalyzer()
         self._trajectories: list[Trajectory] = []
@@ -327,16 +329,17 @@ class ReasoningBank:
         return os.path.abspath(os.fspath(journal))
 
     def _attach_journal(
-        self, journal: bool | str | os.PathLike, fsync: str, after_seq: int, lock_timeout: float = 0.0
+        self, journal: bool | str | os.PathLike, fsync: str, after_seq: int, lock_timeout: float = 0.0,
+        read_only: bool = False,
     ) -> None:
         from .journal import Journal, JournalError
         from .locking import BankLock
 
         path = self._journal_path(journal)
-        if self._bank_lock is None:
+        if self._bank_lock is None and not read_only:
             self._bank_lock = BankLock(path, lock_timeout).acquire()
         try:
-            j = Journal(path, fsync=fsync, bank_id=self._bank_id)
+            j = Journal(path, fsync=fsync, bank_id=self._bank_id, read_only=read_only)
             try:
                 self._check_identity(j)
                 base = j._base_seq()
@@ -346,7 +349,7 @@ class ReasoningBank:
                         f"record {after_seq}: the records in between are missing (load the newer snapshot with "
                         "this journal)"
                     )
-                if j.last_seq < after_seq:
+                if j.last_seq < after_seq and not read_only:
                     # every record in it is already in the snapshot: number new records after the snapshot's
                     j.reset(after_seq)
                 self.replayed_records = self._replay(j, after_seq)
@@ -354,13 +357,15 @@ class ReasoningBank:
                 j.close()
                 raise
         except BaseException:
-            self._bank_lock.release()
-            self._bank_lock = None
+            if self._bank_lock is not None:
+                self._bank_lock.release()
+                self._bank_lock = None
             raise
         self._journal = j
+        self._read_only = read_only
         # held weakly: a bank dropped without close() (as a crashed process drops it) is freed at once, and
         # with it its journal handle and its writer lock
-        self._store._listener = weakref.proxy(self)
+        self._store._listener = _StoreListener(self)
 
     def _check_identity(self, j: Any) -> None:
         """A journal holds one bank's records: refuse another bank's (never replay foreign records)."""
@@ -380,6 +385,11 @@ class ReasoningBank:
         earlier change: the bank refuses changes until :meth:`save` or a reopen."""
         from .journal import JournalWriteError
 
+        if self._read_only:
+            raise JournalWriteError(
+                f"{self._journal.path}: this bank was opened read-only (load(..., read_only=True)); it takes no "
+                "changes (open it with a journal and without read_only to write)"
+            )
         err = self._write_error
         if err is None and self._journal is not None:
             err = self._journal.failed
@@ -955,6 +965,8 @@ class ReasoningBank:
         from .snapshot import write_snapshot
 
         path = path or _default_path(self._storage_path)
+        if self._read_only:
+            self.check_writable()  # raises: a read-only bank does not save (that would start its journal over)
         with self._lock:
             tensors, store_meta = self._store.state_tensors("patterns/")
             traj_tensors, traj_meta = _trajectories_to_tensors(self._trajectories)
@@ -992,6 +1004,7 @@ class ReasoningBank:
         journal: bool | str | os.PathLike | None = None,
         fsync: str = "always",
         lock_timeout: float = 0.0,
+        read_only: bool = False,
         **pattern_overrides: Any,
     ) -> ReasoningBank:
         """Load a bank written by :meth:`save`, then replay the journal (when given) past the snapshot.
@@ -1004,20 +1017,25 @@ class ReasoningBank:
         With a journal the bank is the bank's one writer: the journal's lock is taken (waiting up to
         ``lock_timeout`` seconds) before the snapshot is read, so the snapshot and the journal are read as
         the previous writer left them. A journal of another bank (another identity) raises ``JournalError``.
-        Without a journal no lock is taken: a read-only open works while a writer holds the bank."""
+        Without a journal no lock is taken: a read-only open works while a writer holds the bank. With
+        ``read_only=True`` the journal's records are replayed too, without the lock and without touching
+        the journal (a damaged or unfinished last record is skipped, not cut off); the bank then refuses
+        every change and ``save()``. A read-only open that races the writer's ``save()`` may raise
+        ``JournalError``: open it again."""
         from .snapshot import read_snapshot
         from .store import _check_overrides
 
         _check_overrides(pattern_overrides)
         tensors, meta = read_snapshot(path, _BANK_FORMAT)
         lock = None
-        if journal:
+        if journal and not read_only:
             lock, tensors, meta = _lock_for_load(path, journal, meta, tensors, lock_timeout)
         try:
             bank = cls._from_snapshot(path, tensors, meta, pattern_overrides)
             bank._bank_lock = lock
             if journal:
-                bank._attach_journal(journal, fsync, after_seq=int(meta.get("journal_seq", 0)))
+                bank._attach_journal(journal, fsync, after_seq=int(meta.get("journal_seq", 0)),
+                                     read_only=read_only)
         except BaseException:
             if lock is not None:
                 lock.release()
@@ -1032,6 +1050,8 @@ class ReasoningBank:
 
         try:
             cfg = ReasoningBankConfig.from_dict(meta["config"])
+            if "device" not in pattern_overrides:  # saved on a GPU, opened where none is usable: the CPU
+                cfg.device = loadable_device(cfg.device, f"bank {path}")
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, OverflowError) as e:
             raise SnapshotError(f"{path}: corrupt or incompatible bank snapshot ({type(e).__name__}: {e})") from None
         # overrides (device, backend, ef_search, …) apply to the bank's config and to the loaded store
@@ -1180,6 +1200,32 @@ def _warn_overridden(cfg: ReasoningBankConfig) -> None:
                 UserWarning, stacklevel=3,
             )
         setattr(pc, name, mine)
+
+
+class _StoreListener:
+    """The bank as its store's listener, held weakly: a bank dropped without ``close()`` (as a crashed
+    process drops it) is freed at once, and with it its journal handle and its writer lock. A store kept
+    after its bank is gone goes on alone (its changes then reach no journal)."""
+
+    __slots__ = ("_ref",)
+
+    def __init__(self, bank: ReasoningBank) -> None:
+        self._ref = weakref.ref(bank)
+
+    def touched(self, ids: Any) -> None:
+        bank = self._ref()
+        if bank is not None:
+            bank.touched(ids)
+
+    def op_done(self) -> None:
+        bank = self._ref()
+        if bank is not None:
+            bank.op_done()
+
+    def check_writable(self) -> None:
+        bank = self._ref()
+        if bank is not None:
+            bank.check_writable()
 
 
 def _lock_for_load(
@@ -1332,8 +1378,8 @@ def _trajectories_from_tensors(
         raise SnapshotError("corrupt snapshot: trajectory table has the wrong dtype")
     try:
         docs = json.loads(raw.numpy().tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SnapshotError(f"corrupt snapshot: trajectory table ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise SnapshotError(f"corrupt snapshot: trajectory table ({type(e).__name__}: {e})") from None
     if not isinstance(docs, list) or len(docs) != len(queries) or len(docs) != int(meta.get("count", -1)):
         raise SnapshotError("corrupt snapshot: trajectory count mismatch")
     out = []

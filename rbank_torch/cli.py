@@ -1583,12 +1583,16 @@ def _run_locked(args: argparse.Namespace) -> int:
     """Run a command that changes a bank under the bank's writer lock, held from load to save: a second
     ``rbank ingest`` (consolidate, prune) on the same bank waits for the first and then loads what it wrote."""
     from .locking import BankLock
-    from .snapshot import check_header
+    from .snapshot import SnapshotError, check_header
 
     bank = Path(args.bank)
-    if bank.is_file():
-        # a file that is not a snapshot is refused before its lock file is made beside it
-        check_header(bank)
+    if not bank.parent.is_dir() and args.func is not _cmd_ingest:
+        return int(args.func(args) or 0)  # no bank there: the command says so, no lock file is left behind
+    if bank.exists():
+        try:
+            check_header(bank)
+        except (SnapshotError, OSError):
+            return int(args.func(args) or 0)  # not a bank: the command says so; nothing to lock
     with BankLock(args.bank, timeout=_LOCK_TIMEOUT_S):
         return int(args.func(args) or 0)
 

@@ -180,7 +180,8 @@ def decode_payload(blob: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]
         header = json.loads(blob[8 : 8 + n])
         meta = json.loads(header["__metadata__"]["rbank.record"])
     except (SafetensorError, ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise JournalError(f"malformed journal record ({e})") from None
+        # RuntimeError includes RecursionError (JSON nested too deeply)
+        raise JournalError(f"malformed journal record ({type(e).__name__}: {e})") from None
     if not isinstance(meta, dict):
         raise JournalError("malformed journal record (metadata is not an object)")
     tensors.pop("_", None)
@@ -283,6 +284,7 @@ class Journal:
         batch_records: int = 64,
         batch_interval_s: float = 0.05,
         bank_id: str | None = None,
+        read_only: bool = False,
     ) -> None:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync must be one of {FSYNC_POLICIES}, got {fsync!r}")
@@ -308,6 +310,17 @@ class Journal:
         self.dropped_tail_bytes = 0
         #: why the journal refuses writes (an append, fsync or truncate failed), else None
         self.failed: BaseException | None = None
+        #: opened to read only: nothing is created, cut or written (a damaged tail is left where it is)
+        self.read_only = bool(read_only)
+        if self.read_only:
+            self.bank_id, self._hdr_size = None, _FILE_HDR.size
+            if self.path.exists() and self.path.stat().st_size > 0:
+                base, self.bank_id, self._hdr_size = read_file_header(self.path)
+                self.last_seq = max(self._scan_valid_end()[1], base)
+            self._f = open(os.devnull, "ab", buffering=0)  # noqa: SIM115 - a closed stand-in: appends refuse
+            self._f.close()
+            self._end = 0
+            return
         if self.path.exists() and self.path.stat().st_size > 0:
             base, self.bank_id, self._hdr_size = read_file_header(self.path)
             end, self.last_seq, tail = self._scan_valid_end()
@@ -491,9 +504,10 @@ class Journal:
 
     def records(self, after_seq: int = 0) -> Iterator[tuple[int, dict[str, Any], dict[str, torch.Tensor]]]:
         """Decoded records with ``seq > after_seq``, in order."""
-        with self._lock:
-            self._f.flush()
-        for seq, payload, _ in self._iter_raw(tolerate_tail=False):
+        if self.read_only:  # a writer may be appending: a record it has not finished is not read yet
+            if not self.path.exists() or self.path.stat().st_size == 0:
+                return
+        for seq, payload, _ in self._iter_raw(tolerate_tail=self.read_only):
             if seq > after_seq:
                 meta, tensors = decode_payload(payload)
                 yield seq, meta, tensors
@@ -537,6 +551,8 @@ class Journal:
         return seq
 
     def _check_writable(self) -> None:
+        if self.read_only:
+            raise JournalWriteError(f"{self.path}: the journal was opened read-only")
         if self.failed is not None:
             raise JournalWriteError(
                 f"{self.path}: an earlier write to this journal failed ({self.failed}); it refuses writes until "

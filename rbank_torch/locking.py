@@ -5,7 +5,8 @@ lock ``<journal>.lock`` (symlinks resolved) when it opens and keeps it until :me
 same journal, in this process or another one, waits up to its ``lock_timeout`` (0 by default: not at all)
 and then gets a :class:`BankLockedError`. A bank without a journal takes no lock: a read-only open
 (``ReasoningBank.load(path)``) works while a writer holds the bank, and such a bank is not a writer (two of
-them saving one snapshot overwrite each other's changes: give a writing bank a journal). The ``rbank``
+them saving one snapshot overwrite each other's changes: give a writing bank a journal).
+``ReasoningBank.load(path, journal=..., read_only=True)`` replays the journal too, without the lock. The ``rbank``
 commands that change a bank (``ingest``, ``consolidate``, ``prune``) hold ``<bank>.lock`` from load to save,
 so a second one waits for the first and then loads what it wrote.
 

@@ -19,12 +19,15 @@ Example:
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import math
 import os
 import random
+import re
 import uuid as _uuid
 import warnings
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -118,6 +121,9 @@ _CAUSE_FIELDS = frozenset(
 
 _PARQUET_HINT = "pip install 'rbank-torch[parquet]'"
 _EMB_KEY = b'"query_embedding"'
+_NUMBER_TYPES = frozenset({float, int})
+_JSON_NUMBER = rb"[ \t\r\n]*-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?[ \t\r\n]*"
+_JSON_NUMBERS = re.compile(_JSON_NUMBER + rb"(?:," + _JSON_NUMBER + rb")*")
 _NUMBER_BYTES = b"0123456789.,eE-+ \t\r\n"
 _SUCCESS_OUTCOME = StepOutcome.success()
 _SUCCESS_VERDICT = Verdict.success()
@@ -261,6 +267,11 @@ def _attrs(v: Any, fld: str) -> dict[str, str]:
 MAX_RECORD_ID = 2**53 - 1
 #: the largest count (tokens) and number of milliseconds read
 MAX_COUNT = 2**53 - 1
+#: the longest line of a JSONL log read, in bytes (newline excluded); a longer line is a bad line, skipped
+#: in bounded chunks without ever being held in memory whole
+MAX_LINE_BYTES = 16 * 1024 * 1024
+#: the longest query text read, in characters (it goes to the text model)
+MAX_QUERY_CHARS = 1024 * 1024
 
 
 def _count(v: Any, fld: str) -> int:
@@ -336,8 +347,12 @@ def _cause(v: Any, fld: str) -> None:
     if type(v) is not dict:
         raise _FieldError(fld, f"must be a root-cause object with a 'type', got {_type_name(v)}")
     _unknown(v, _CAUSE_FIELDS, fld)
-    if "missing" in v:
-        _str_list(v["missing"], fld + ".missing")
+    _str(v.get("type"), fld + ".type")
+    for k, x in v.items():
+        if k == "missing":
+            _str_list(x, fld + ".missing")
+        elif k != "type" and type(x) is not str:
+            _str(x, f"{fld}.{k}")  # never turned into text: a number or a list here is an error
 
 
 def _verdict(v: Any, fld: str) -> Verdict:
@@ -464,6 +479,8 @@ def parse_record(
     query = obj.get("query")
     if query is not None and type(query) is not str:
         _str(query, "query")
+    if query is not None and len(query) > MAX_QUERY_CHARS:
+        raise _FieldError("query", f"is {len(query)} characters long; at most {MAX_QUERY_CHARS} are read")
     emb = obj.get("query_embedding")
     if emb is not None:
         _embedding_list(emb, "query_embedding")
@@ -588,6 +605,8 @@ class _ChunkBuilder:
         self.on_error = on_error
         self.embed = embed
         self.building = False
+        #: explicit record ids seen in this read (all its files) → where: a repeated id is a bad line
+        self.seen_ids: dict[int, str] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -644,6 +663,11 @@ class _ChunkBuilder:
         except (ValueError, TypeError, OverflowError) as e:
             self.bad(line, None, f"invalid record ({e})")
             return
+        if obj.get("id") is not None:
+            first = self.seen_ids.setdefault(t.id, f"{self.path}:{line}")
+            if first != f"{self.path}:{line}":
+                self.bad(line, "id", f"{t.id} was already used by the record at {first}")
+                return
         self.trajs.append(t)
         self.lines.append(line)
         self.queries.append(query)
@@ -658,14 +682,17 @@ class _ChunkBuilder:
         """Parse the fast-path embedding segments of the chunk with one ``np.fromstring`` call."""
         n = len(self.segs)
         d = self.seg_counts[0] if n else 0
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            try:
-                flat = np.fromstring(b",".join(self.segs), dtype=np.float64, sep=",")  # noqa: NPY201
-                if flat.size == n * d:
-                    return flat.reshape(n, d)
-            except (ValueError, DeprecationWarning):
-                pass
+        joined = b",".join(self.segs)
+        # np.fromstring also takes +1, .5, 1. and 01, which JSON forbids: those rows go the checked way
+        if _JSON_NUMBERS.fullmatch(joined) is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                try:
+                    flat = np.fromstring(joined, dtype=np.float64, sep=",")  # noqa: NPY201
+                    if flat.size == n * d:
+                        return flat.reshape(n, d)
+                except (ValueError, DeprecationWarning):
+                    pass
         out = np.empty((n, d), dtype=np.float64)
         for i, s in enumerate(self.segs):
             try:
@@ -676,9 +703,11 @@ class _ChunkBuilder:
 
     def _list_rows(self) -> np.ndarray:
         try:
-            arr = np.array(self.lists)
-            if arr.dtype.kind in "fi" and arr.ndim == 2:
-                return arr.astype(np.float64, copy=False)
+            # numpy reads true/false as 1/0: only plain JSON numbers take the fast way
+            if set(map(type, itertools.chain.from_iterable(self.lists))) <= _NUMBER_TYPES:
+                arr = np.array(self.lists)
+                if arr.dtype.kind in "fi" and arr.ndim == 2:
+                    return arr.astype(np.float64, copy=False)
         except (ValueError, TypeError):
             pass
         out = np.empty((len(self.lists), len(self.lists[0])), dtype=np.float64)
@@ -767,7 +796,7 @@ def _split_embedding(raw: bytes) -> tuple[bytes, bytes, int] | None:
     """Cut the ``query_embedding`` list out of a raw line: (line with ``null`` in its place, the list's inner
     bytes, its element count). None when the line does not lend itself to it (then ``json.loads`` decides)."""
     k = raw.find(_EMB_KEY)
-    if k < 0:
+    if k < 0 or raw.find(_EMB_KEY, k + 1) >= 0:  # absent, or given twice: json.loads and the checks decide
         return None
     c = k + len(_EMB_KEY)
     n = len(raw)
@@ -800,13 +829,64 @@ def _decode_line(raw: bytes, fast: bool) -> tuple[Any, bytes | None, int]:
                 obj = None
             if type(obj) is dict and "query_embedding" in obj and obj["query_embedding"] is None:
                 return obj, seg, count
+    if raw.count(_EMB_KEY) > 1:  # rare: look for the same key twice in one object (JSON keeps the last)
+        return json.loads(raw, object_pairs_hook=_no_duplicate_keys), None, 0
     return json.loads(raw), None, 0
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen: set[str] = set()
+        for k, _v in pairs:
+            if k in seen:
+                raise ValueError(f"the key {k!r} is given twice in one object")
+            seen.add(k)
+    return d
 
 
 def _open_text(path: Path) -> BinaryIO:
     if str(path).endswith(".gz"):
         return gzip.open(path, "rb")  # type: ignore[return-value]  # GzipFile implements BinaryIO's methods
     return open(path, "rb", buffering=1 << 20)
+
+
+def _bounded_lines(f: BinaryIO) -> Iterator[tuple[bytes | None, int]]:
+    """``(line, bytes read)`` for each line of ``f``; a line longer than :data:`MAX_LINE_BYTES` comes as
+    ``(None, its length)``, read past in bounded chunks (memory stays bounded however long the line)."""
+    while True:
+        raw = f.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        if len(raw) <= MAX_LINE_BYTES or raw.endswith(b"\n"):
+            yield raw, len(raw)
+            continue
+        n = len(raw)
+        while True:
+            more = f.readline(_SKIP_CHUNK)
+            n += len(more)
+            if not more or more.endswith(b"\n"):
+                break
+        yield None, n
+
+
+_SKIP_CHUNK = 1 << 20
+
+
+def _checked_lines(path: Path, f: BinaryIO) -> Iterator[tuple[bytes | None, int]]:
+    """:func:`_bounded_lines`, with damaged data (a corrupt or truncated gzip stream, a read error) reported
+    as a :class:`LogFormatError` naming the file and the line where reading stopped."""
+    it = _bounded_lines(f)
+    line = 0
+    while True:
+        try:
+            item = next(it, None)
+        except (OSError, EOFError, zlib.error) as e:
+            raise LogFormatError(str(path), line + 1, None, f"unreadable data ({type(e).__name__}: {e})") from None
+        if item is None:
+            return
+        line += 1
+        yield item
 
 
 def _iter_jsonl(
@@ -816,13 +896,17 @@ def _iter_jsonl(
     stats = b.stats
     with _open_text(path) as f:
         lineno = 0
-        for raw in f:
+        for raw, nbytes in _checked_lines(path, f):
             lineno += 1
             if lineno <= start:
                 continue
             if end is not None and lineno > end:
                 break
-            b.nbytes += len(raw)
+            b.nbytes += nbytes
+            if raw is None:
+                stats.lines += 1
+                b.bad(lineno, None, f"line is {nbytes} bytes long; at most {MAX_LINE_BYTES} are read")
+                continue
             raw = raw.strip()
             if not raw:
                 continue
@@ -865,7 +949,14 @@ def _iter_parquet(path: Path, b: _ChunkBuilder, chunk_size: int) -> Iterator[Log
     total = max(pf.metadata.num_rows, 1)
     size = path.stat().st_size
     row = 0
-    for rb in pf.iter_batches(batch_size=chunk_size):
+    batches = pf.iter_batches(batch_size=chunk_size)
+    while True:
+        try:
+            rb = next(batches, None)
+        except Exception as e:  # noqa: BLE001 - pyarrow raises many types for damaged data
+            raise LogFormatError(str(path), row + 1, None, f"unreadable Parquet data ({type(e).__name__}: {e})") from None
+        if rb is None:
+            break
         rows = rb.to_pylist()
         for obj in rows:
             row += 1
@@ -912,12 +1003,14 @@ def iter_log_batches(
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
     stats = stats if stats is not None else ReadStats()
     holder: list[int | None] = [dim]
+    seen_ids: dict[int, str] = {}
     for p in paths:
         path = Path(p)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such log file")
         stats.files += 1
         b = _ChunkBuilder(str(path), holder, skip_bad, stats, on_error, embed)
+        b.seen_ids = seen_ids
         if log_kind(path) == "parquet":
             yield from _iter_parquet(path, b, chunk_size)
         else:

@@ -261,7 +261,7 @@ def read_snapshot(path: str | os.PathLike, fmt: str) -> tuple[dict[str, torch.Te
     meta_json = header.get("rbank.meta", "")
     try:
         crcs = json.loads(header.get("rbank.crc32", ""))
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         raise SnapshotError(f"{path}: corrupt checksum table") from None
     if not isinstance(crcs, dict) or crcs.get("@meta") != zlib.crc32(meta_json.encode("utf-8")):
         raise SnapshotError(f"{path}: corrupt snapshot (metadata checksum mismatch)")
@@ -274,6 +274,8 @@ def read_snapshot(path: str | os.PathLike, fmt: str) -> tuple[dict[str, torch.Te
         meta = json.loads(meta_json)
     except json.JSONDecodeError:
         raise SnapshotError(f"{path}: corrupt metadata document") from None
+    except RecursionError:
+        raise SnapshotError(f"{path}: corrupt metadata document (nested too deeply)") from None
     if not isinstance(meta, dict):
         raise SnapshotError(f"{path}: corrupt metadata document (not an object)")
     return tensors, meta

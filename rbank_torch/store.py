@@ -23,7 +23,22 @@ from typing import Any
 
 import torch
 
-from ._util import EPOCH, as_embedding, as_embedding_batch, check_int, check_unit, dt_to_us, us_to_dt, utcnow
+from ._util import (
+    EPOCH,
+    MAX_CATEGORY_BYTES,
+    MAX_LIST_ITEMS,
+    MAX_PATTERN_TEXT_BYTES,
+    MAX_TEXT_BYTES,
+    as_embedding,
+    as_embedding_batch,
+    check_int,
+    check_text,
+    check_unit,
+    dt_to_us,
+    loadable_device,
+    us_to_dt,
+    utcnow,
+)
 from .importance import importance_scores
 from .patterns import (
     BUILTIN_CATEGORIES,
@@ -54,6 +69,9 @@ _DTYPES = {
 _NEG_INF = float("-inf")
 _F32_MAX = torch.finfo(torch.float32).max
 _I64_MAX = 2**63 - 1
+#: search_similar_batch pads missing slots up to k only while B·k stays within this many slots; past it
+#: (a huge k) the result has min(k, live count) columns instead of allocating B·k
+_MAX_PAD_SLOTS = 1 << 22
 #: a float64 sum of counts at or above this may exceed the int64 max: the count saturates
 _I64_SATURATE = float(2**63 - 2**11)
 
@@ -123,9 +141,11 @@ class PatternStoreConfig:
         if not 0.0 < float(self.compact_dead_fraction) <= 1.0:
             raise ValueError(f"compact_dead_fraction must be in (0, 1], got {self.compact_dead_fraction!r}")
         try:
-            torch.device(self.device)
+            dev = torch.device(self.device)
         except (RuntimeError, TypeError):
             raise ValueError(f"device must be a torch device string, got {self.device!r}") from None
+        if dev.type == "meta":
+            raise ValueError("device must hold data: 'meta' tensors have none (use 'cpu' or 'cuda')")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -281,12 +301,64 @@ def _check_scalars(p: Pattern, min_confidence: float) -> _Row:
     except TypeError:
         raise ValueError("created_at and last_accessed must be timezone-aware datetimes") from None
     _check_side_ints(p)
+    _check_texts(p, r.cat)
     r.side = _Side(p)
     try:
         r.outcome = OUTCOMES.index(p.outcome)
     except ValueError:
         raise ValueError(f"outcome must be one of {list(OUTCOMES)}, got {p.outcome!r}") from None
     return r
+
+
+def _check_list(v: Any, field: str) -> Sequence:
+    if isinstance(v, (str, bytes)) or not isinstance(v, Sequence):
+        raise ValueError(f"{field} must be a list, got {type(v).__name__}")
+    if len(v) > MAX_LIST_ITEMS:
+        raise ValueError(f"{field} has {len(v)} entries; at most {MAX_LIST_ITEMS} are accepted")
+    return v
+
+
+def _check_texts(p: Pattern, cat: PatternCategory) -> None:
+    """Every string of ``p`` encodes as UTF-8 (no lone surrogate) within the size caps, so whatever is
+    accepted also saves (snapshot and journal) and loads back."""
+    md = p.metadata
+    # NOTE: the common case (a few short ASCII strings) is settled with C-level joins and maps; anything
+    # else takes the field-by-field check below, which names the offending field
+    lessons, actions, tags = p.lessons, p.example_actions, md.tags
+    if (type(lessons) is list and type(actions) is list and type(tags) is list and not md.attributes
+            and getattr(p, "text", None) is None and len(lessons) <= MAX_LIST_ITEMS
+            and len(actions) <= MAX_LIST_ITEMS and len(tags) <= MAX_LIST_ITEMS
+            and len(p.source_trajectories) <= MAX_LIST_ITEMS):
+        strs = [*lessons, *actions, *tags, p.uuid, md.source, cat.name]
+        try:
+            joined = "".join(strs)
+        except TypeError:
+            joined = None
+        if (joined is not None and joined.isascii() and len(joined) <= MAX_PATTERN_TEXT_BYTES
+                and len(cat.name) <= MAX_CATEGORY_BYTES and len(p.uuid) <= 256
+                and max(map(len, strs)) <= MAX_TEXT_BYTES):
+            return
+    check_text(cat.name, "category", MAX_CATEGORY_BYTES)
+    total = check_text(str(p.uuid), "uuid", 256) + check_text(str(md.source), "metadata.source")
+    text = getattr(p, "text", None)
+    if text is not None:
+        total += check_text(text, "text")
+    for name, items in (("lessons", p.lessons), ("example_actions", p.example_actions), ("metadata.tags", md.tags)):
+        for i, s in enumerate(_check_list(items, name)):
+            total += check_text(s if isinstance(s, str) else str(s), f"{name}[{i}]")  # stored as str(s)
+    _check_list(p.source_trajectories, "source_trajectories")
+    attrs = md.attributes
+    if not isinstance(attrs, dict):
+        raise ValueError(f"metadata.attributes must be a dict, got {type(attrs).__name__}")
+    if len(attrs) > MAX_LIST_ITEMS:
+        raise ValueError(f"metadata.attributes has {len(attrs)} entries; at most {MAX_LIST_ITEMS} are accepted")
+    for k, v in attrs.items():
+        total += check_text(k if isinstance(k, str) else str(k), "metadata.attributes key")
+        total += check_text(v if isinstance(v, str) else str(v), f"metadata.attributes[{k!r}]")
+    if total > MAX_PATTERN_TEXT_BYTES:
+        raise ValueError(
+            f"pattern {p.id}: its strings hold {total} bytes of UTF-8; at most {MAX_PATTERN_TEXT_BYTES} are accepted"
+        )
 
 
 def _check_side_ints(p: Pattern) -> None:
@@ -318,8 +390,8 @@ def _prepare(patterns: Sequence[Pattern], dim: int, min_confidence: float) -> tu
     E = None
     try:  # fast path: a list of 1-D tensors of the right size on one device
         E = torch.stack(embs).detach()
-        if E.shape != (len(embs), dim):
-            E = None
+        if E.shape != (len(embs), dim) or E.layout != torch.strided or E.is_meta:
+            E = None  # the checked path below names what is wrong
     except (TypeError, RuntimeError):
         E = None
     if E is None:
@@ -1088,6 +1160,8 @@ class PatternStore:
         Returns:
             (similarities ``[B, k]`` float32, ids ``[B, k]`` int64), best first; missing slots hold −inf / −1.
             Similarity is the cosine (``cosine``), the dot product (``dot``) or 1/(1+distance) (``euclidean``).
+            The search itself never looks for more than the live count; when ``k`` is so large that padding
+            would pass 4 194 304 slots (B·k), the result has only min(k, live count) columns.
         """
         k = _check_k(k, "k")
         # an approximate backend may validate and prepare plain CPU float32 queries itself (cheaper per call)
@@ -1098,6 +1172,10 @@ class PatternStore:
         with self._lock:
             self._flush()
             qp, qsq = pre if pre is not None else self._prepare_queries(pre_q)
+            k_out = k
+            k = min(k, len(self))  # never more than the live count: a huge k must not allocate B·k slots
+            if k_out > k and qp.shape[0] * k_out > _MAX_PAD_SLOTS:
+                k_out = k
             plan = self._backend.begin_search(qp, qsq, k)
             if plan is None:
                 s, r = self._search_rows(qp, k)
@@ -1115,8 +1193,8 @@ class PatternStore:
                     ids = torch.where(torch.isfinite(s), self._ids[r] if r.numel() else r, torch.full_like(r, -1))
         s = self._finish_scores(s, qsq)
         B = qp.shape[0]
-        if s.shape[1] < k:
-            pad = k - s.shape[1]
+        if s.shape[1] < k_out:
+            pad = k_out - s.shape[1]
             s = torch.cat([s, torch.full((B, pad), _NEG_INF, device=self.device)], dim=1)
             ids = torch.cat([ids, torch.full((B, pad), -1, dtype=torch.int64, device=self.device)], dim=1)
         with self._lock:
@@ -1444,6 +1522,8 @@ class PatternStore:
         _check_overrides(overrides)
         try:
             cfg = PatternStoreConfig.from_dict(dict(meta["config"]))
+            if "device" not in overrides:  # saved on a GPU, opened where none is usable: the CPU, with a warning
+                cfg.device = loadable_device(cfg.device, "the pattern store")
             for k, v in overrides.items():
                 setattr(cfg, k, v)
             cfg.validate()
@@ -1465,8 +1545,8 @@ class PatternStore:
             if not isinstance(side, list) or len(side) != count:
                 raise ValueError("side table length")
             sides = [_Side.from_json(j) for j in side]
-        except (ValueError, TypeError, UnicodeDecodeError) as e:
-            raise SnapshotError(f"corrupt snapshot: bad pattern side table ({e})") from None
+        except (ValueError, TypeError, UnicodeDecodeError, RecursionError) as e:
+            raise SnapshotError(f"corrupt snapshot: bad pattern side table ({type(e).__name__}: {e})") from None
         codes = cols["category_code"]
         if count and (int(codes.min()) < 0 or int(codes.max()) >= len(names)):
             raise SnapshotError("corrupt snapshot: category code out of range")

@@ -91,6 +91,7 @@ def test_a_file_that_is_not_a_snapshot_says_so(cmd, name, tmp_path, capsys):
     code, _, err = run(capsys, cmd, "--bank", target, *extra, "-q")
     assert code == 1
     assert "not an rbank snapshot" in err and "header length" not in err, err
+    assert not target.with_name(target.name + ".lock").exists()  # no writer lock left beside a non-bank
 
 
 def test_short_and_empty_files_are_not_snapshots(tmp_path, capsys):

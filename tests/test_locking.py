@@ -166,3 +166,46 @@ def test_two_ingests_into_one_bank_keep_every_trajectory(tmp_path):
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert ReasoningBank.load(str(bank)).stats().total_trajectories == 450
+
+
+def test_a_store_kept_after_its_bank_is_dropped_still_works(tmp_path):
+    from rbank_torch import Pattern
+
+    a = ReasoningBank(_cfg(tmp_path), journal=True)
+    _store(a, 1)
+    store = a.store
+    del a
+    pid = store.store_pattern(Pattern.new(torch.randn(D), "general", 0.9))
+    assert store.get_pattern(pid) is not None and len(store) == 2
+    b = ReasoningBank(_cfg(tmp_path), journal=True)  # the dropped bank's lock was released
+    assert len(b.trajectories) == 1
+    b.close()
+
+
+def test_read_only_open_replays_the_journal_without_the_lock(tmp_path):
+    from rbank_torch.journal import JournalWriteError
+
+    w = ReasoningBank(_cfg(tmp_path), journal=True)
+    _store(w, 3)
+    w.save()
+    _store(w, 2, seed=1)  # in the journal only
+    path = tmp_path / "bank.journal"
+    size = path.stat().st_size
+    with open(path, "ab") as f:  # a record the writer has not finished yet
+        f.write(b"RJ\x00\x00\x09")
+    r = ReasoningBank.load(str(tmp_path / "bank.safetensors"), journal=True, read_only=True)
+    assert len(r.trajectories) == 5 and r.replayed_records == 2
+    with pytest.raises(JournalWriteError, match="read-only"):
+        _store(r, 1)
+    with pytest.raises(JournalWriteError, match="read-only"):
+        r.save()
+    with pytest.raises(JournalWriteError, match="read-only"):
+        r.store.remove_pattern(r.export_patterns()[0].id)
+    assert len(r.trajectories) == 5
+    r.close()
+    assert path.stat().st_size == size + 5  # the reader touched nothing
+    with open(path, "r+b") as f:
+        f.truncate(size)
+    _store(w, 1, seed=2)  # the writer goes on
+    w.close()
+    assert len(ReasoningBank.load(str(tmp_path / "bank.safetensors"), journal=True).trajectories) == 6
