@@ -1690,6 +1690,12 @@ def _exact_scale(w: WorldInfo, colmax: torch.Tensor, n_total: int) -> torch.Tens
     return torch.pow(2.0, bits - e)  # [D] float64
 
 
+#: k-means sums its clusters by a one-hot float64 GEMM up to this many clusters, by index_add_ beyond
+_KMEANS_GEMM_SUMS = 128
+#: k-means keeps the quantised rows (float64) for all its iterations up to this many values (128 MiB)
+_KMEANS_QUANT_CACHE = 1 << 24
+
+
 def _quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.round(x.to(torch.float64) * scale)
 
@@ -1894,12 +1900,24 @@ def _kmeans_exact(
     tol_abs = float(tol) * var
 
     assign = _kmeans_assign(X, xn, C, batch_size)
+    # the quantised rows, once for every iteration when they fit (they are exact integers times a power of two,
+    # so the sums below are the same whichever way they are computed)
+    Xq = _quantize(X, scale) if n * d <= _KMEANS_QUANT_CACHE else None
     it = 0
     while it < iters:
         counts = _all_reduce(w, torch.bincount(assign.cpu(), minlength=k), "sum", "k-means counts")
         sums = torch.zeros((k, d), dtype=torch.float64, device=dev)
         for r0 in range(0, n, batch_size):
-            sums.index_add_(0, assign[r0 : r0 + batch_size], _quantize(X[r0 : r0 + batch_size], scale))
+            xq = Xq[r0 : r0 + batch_size] if Xq is not None else _quantize(X[r0 : r0 + batch_size], scale)
+            a = assign[r0 : r0 + batch_size]
+            if k <= _KMEANS_GEMM_SUMS:
+                # one-hot GEMM: products are 0 or an integer, partial sums integers below 2^52, so the
+                # float64 GEMM is exact in any order, as index_add_ is (and much faster for few clusters)
+                oh = torch.zeros((k, a.numel()), dtype=torch.float64, device=dev)
+                oh[a, torch.arange(a.numel(), device=dev)] = 1.0
+                sums.addmm_(oh, xq)
+            else:
+                sums.index_add_(0, a, xq)
         sums = _all_reduce(w, sums.cpu(), "sum", "k-means sums")
         C_new = (sums / scale.cpu() / counts.clamp(min=1).to(torch.float64)[:, None]).to(dtype).to(dev)
         empty = torch.nonzero(counts == 0).flatten()

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, fields
 from datetime import timedelta
 from typing import Any
 
+import numpy as np
 import torch
 
 from ._util import (
@@ -265,6 +266,57 @@ class _Row:
 
 _US = timedelta(microseconds=1)
 
+#: Pattern fields a search result builds only when first read (see :class:`_PatternView`)
+_LAZY_FIELDS = frozenset(
+    ("embedding", "source_trajectories", "lessons", "example_actions", "created_at", "last_accessed", "metadata")
+)
+
+
+class _PatternView(Pattern):
+    """The pattern of a search result: a :class:`Pattern` copy whose embedding, lists, times and metadata are
+    built from the search's snapshot of its row when first read.
+
+    The snapshot is taken when the search runs (the embedding is gathered into a block private to the
+    search, the side lists are the list objects of that moment, which the store never changes in place), so
+    the copy shows the pattern as it was found, whatever happens to the store afterwards. Reading any field,
+    comparing, printing or ``dataclasses.replace`` behave as on a plain Pattern.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        # only called for attributes missing from the instance: the lazy fields until they are built
+        d = self.__dict__
+        lz = d.get("_lz")
+        if lz is None or name not in _LAZY_FIELDS:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        emb, created, last, side = lz
+        d["embedding"] = emb.clone()
+        d["source_trajectories"] = list(side[0] or ())
+        d["lessons"] = list(side[1] or ())
+        d["example_actions"] = list(side[2] or ())
+        d["created_at"] = EPOCH + timedelta(microseconds=created)
+        d["last_accessed"] = EPOCH + timedelta(microseconds=last)
+        d["metadata"] = PatternMetadata(tags=list(side[3] or ()), source=side[4], version=side[5],
+                                        attributes=dict(side[6] or {}))
+        del d["_lz"]
+        return d[name]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _LAZY_FIELDS and "_lz" in self.__dict__:
+            getattr(self, name)  # build the lazy fields first, so that none is built over this value
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if name in _LAZY_FIELDS and "_lz" in self.__dict__:
+            getattr(self, name)
+        object.__delattr__(self, name)
+
+    def __repr__(self) -> str:
+        return "Pattern" + Pattern.__repr__(self)[len(type(self).__qualname__):]
+
+    def __reduce__(self) -> Any:
+        # copies (copy, deepcopy) and anything else that serialises the object get a plain Pattern
+        return (Pattern, tuple(getattr(self, f.name) for f in fields(Pattern)))
+
 
 def _unit(v: Any, name: str) -> float:
     # fast path for plain floats in [0, 1]; anything else goes through the full check (NaN fails both tests)
@@ -433,6 +485,7 @@ class PatternStore:
         self._lock = threading.RLock()
         self._cat_codes: dict[str, int] = {n: i for i, n in enumerate(BUILTIN_CATEGORIES)}
         self._cat_names: list[str] = list(BUILTIN_CATEGORIES)
+        self._cat_objs: dict[str, PatternCategory] = {}  # shared immutable category objects of results
         self._total_searches = 0
         self._search_time_ms = 0.0
         #: observer of mutations (the bank's journal): ``touched(ids)`` and ``op_done()``
@@ -955,17 +1008,22 @@ class PatternStore:
             effective.append(p)
             ls, os_ = self._side[rows_l[L]], self._side[rows_l[p]]
             assert ls is not None and os_ is not None
-            ls.sources.extend(os_.sources)
-            seen = set(ls.lessons)
+            # new lists, never in place: search results hold the lists of the moment they were found
+            ls._sources = [*ls.sources, *os_.sources]
+            lessons = list(ls.lessons)
+            seen = set(lessons)
             for x in os_.lessons:
                 if x not in seen:
-                    ls.lessons.append(x)
+                    lessons.append(x)
                     seen.add(x)
+            ls._lessons = lessons
+            actions = list(ls.actions)
             for a in os_.actions:
-                if len(ls.actions) >= 10:
+                if len(actions) >= 10:
                     break
-                if a not in ls.actions:
-                    ls.actions.append(a)
+                if a not in actions:
+                    actions.append(a)
+            ls._actions = actions
         if effective:
             eff = torch.tensor(effective, dtype=torch.int64)
             src = rows[eff].to(self.device)
@@ -1113,7 +1171,8 @@ class PatternStore:
         best_r: torch.Tensor | None = None
         for a in range(0, n, block):
             b = min(n, a + block)
-            s = torch.mm(q, E[a:b].T)  # [B, nb]
+            # one query: a matrix-vector product (BLAS gemv over the rows) beats a 1-row GEMM
+            s = torch.mv(E[a:b], q[0])[None, :] if B == 1 else torch.mm(q, E[a:b].T)  # [B, nb]
             if s.dtype != torch.float32:
                 s = s.float()
             if safe:
@@ -1163,14 +1222,25 @@ class PatternStore:
             The search itself never looks for more than the live count; when ``k`` is so large that padding
             would pass 4 194 304 slots (B·k), the result has only min(k, live count) columns.
         """
-        k = _check_k(k, "k")
+        return self._search_batch(queries, _check_k(k, "k"), None)
+
+    def _search_batch(self, queries: Any, k: int, single: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`search_similar_batch` (``k`` checked); ``single`` names the argument of a single ``[D]``
+        query (validated as such), None for a batch. ``k`` is capped at the live count for a single query."""
         # an approximate backend may validate and prepare plain CPU float32 queries itself (cheaper per call)
         pre = self._backend.prepare_queries(queries)
         if pre is None:
-            pre_q = as_embedding_batch(queries, "queries", dim=self.config.embedding_dim)
+            if single is None:
+                pre_q = as_embedding_batch(queries, "queries", dim=self.config.embedding_dim)
+            else:
+                pre_q = as_embedding(queries, single, dim=self.config.embedding_dim)[None, :]
+        elif single is not None and not (isinstance(queries, (torch.Tensor, np.ndarray)) and queries.ndim == 1):
+            raise ValueError(f"{single} must be 1-D, got shape {tuple(queries.shape)}")
         t0 = time.perf_counter()
         with self._lock:
             self._flush()
+            if single is not None:
+                k = min(k, len(self))  # a huge k must not allocate k padding slots
             qp, qsq = pre if pre is not None else self._prepare_queries(pre_q)
             k_out = k
             k = min(k, len(self))  # never more than the live count: a huge k must not allocate B·k slots
@@ -1414,14 +1484,54 @@ class PatternStore:
     def search_similar(self, query: Any, k: int) -> list[PatternSearchResult]:
         """The ``min(k, len)`` live patterns most similar to ``query`` ``[D]``, best first (rank 0-based)."""
         k = _check_k(k, "k")
-        q = as_embedding(query, "query", dim=self.config.embedding_dim)
         with self._lock:
-            # never more than the live count: a huge k must not allocate k padding slots
-            sims, ids = self.search_similar_batch(q[None, :], min(k, len(self)))
+            sims, ids = self._search_batch(query, k, "query")
             sims_l, ids_l = sims[0].tolist(), ids[0].tolist()
-            rows = [self._row_of[i] for i in ids_l if i >= 0]
-            pats = self._patterns_at(rows)
+            row_of = self._row_of
+            rows = [row_of[i] for i in ids_l if i >= 0]
+            pats = self._result_patterns(rows, ids_l)
         return [PatternSearchResult(p, s, r) for r, (p, s) in enumerate(zip(pats, sims_l))]
+
+    def _result_patterns(self, rows: list[int], ids: list[int]) -> list[Pattern]:
+        """Patterns of search results at ``rows`` (ids ``ids``): :class:`_PatternView` copies, whose costly
+        fields are built from a snapshot taken now only when read."""
+        if not rows:
+            return []
+        if self.device.type == "cpu":
+            ri = np.asarray(rows, dtype=np.int64)
+            emb = self._emb[torch.from_numpy(ri)]
+            conf, usage, success, avgq, created, last, cat, outcome = (
+                getattr(self, c).numpy()[ri].tolist()
+                for c in ("_conf", "_usage", "_success", "_avgq", "_created", "_last", "_cat", "_outcome")
+            )
+        else:
+            idx = torch.tensor(rows, dtype=torch.int64, device=self.device)
+            emb = self._emb[idx]
+            conf, usage, success, avgq, created, last, cat, outcome = (
+                getattr(self, c)[idx].tolist()
+                for c in ("_conf", "_usage", "_success", "_avgq", "_created", "_last", "_cat", "_outcome")
+            )
+        if emb.dtype != torch.float32:
+            emb = emb.to(torch.float32)
+        names, cats, side = self._cat_names, self._cat_objs, self._side
+        out: list[Pattern] = []
+        new = object.__new__
+        for i, r in enumerate(rows):
+            sd = side[r]
+            assert sd is not None
+            name = names[cat[i]]
+            c = cats.get(name)
+            if c is None:
+                c = cats[name] = PatternCategory(name)
+            v = new(_PatternView)
+            v.__dict__ = {
+                "id": ids[i], "uuid": sd.uuid, "category": c, "confidence": conf[i], "usage_count": usage[i],
+                "success_count": success[i], "avg_quality": avgq[i], "text": sd.text, "outcome": OUTCOMES[outcome[i]],
+                "_lz": (emb[i], created[i], last[i],
+                        (sd._sources, sd._lessons, sd._actions, sd._tags, sd.source, sd.version, sd._attributes)),
+            }
+            out.append(v)
+        return out
 
     @property
     def search_backend(self) -> Any:
