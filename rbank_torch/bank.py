@@ -1061,6 +1061,8 @@ class ReasoningBank:
             else:
                 setattr(cfg.pattern_config, k, v)
         cfg.validate()  # a bad override value raises ValueError naming the field
+        for name in _BANK_GOVERNS:  # the bank's fields govern its store: no warning for what it saved itself
+            setattr(cfg.pattern_config, name, getattr(cfg, name))
         try:
             bank = cls(cfg)
             bank._store = PatternStore.from_state_tensors(
@@ -1184,6 +1186,10 @@ def _default_encoder() -> Any:
     return emb.encode
 
 
+#: fields of ReasoningBankConfig written over those of its pattern_config
+_BANK_GOVERNS = ("ef_construction", "ef_search", "m", "device")
+
+
 def _warn_overridden(cfg: ReasoningBankConfig) -> None:
     """The bank's own fields govern the pattern store; a different value set in pattern_config would be
     dropped: warn, naming both, and align pattern_config with what the bank uses."""
@@ -1191,7 +1197,7 @@ def _warn_overridden(cfg: ReasoningBankConfig) -> None:
 
     default = PatternStoreConfig()
     pc = cfg.pattern_config
-    for name in ("ef_construction", "ef_search", "m", "device"):
+    for name in _BANK_GOVERNS:
         mine, theirs = getattr(cfg, name), getattr(pc, name)
         if theirs != mine and theirs != getattr(default, name):
             warnings.warn(
