@@ -549,7 +549,7 @@ class ReasoningBank:
         text, emb = self._embed_one(query, "query_embedding")
         rec = TrajectoryRecorder(emb)
         if text is not None:
-            rec.trajectory.metadata.attributes["query"] = text
+            rec.trajectory.query_text = text
         return rec
 
     def _validate_trajectory(self, t: Trajectory) -> None:

@@ -254,7 +254,7 @@ class Pattern:
         q = check_unit(t.quality, "trajectory.quality")
         if outcome not in OUTCOMES:
             raise ValueError(f"outcome must be one of {list(OUTCOMES)}, got {outcome!r}")
-        text = t.metadata.attributes.get("query")
+        text = t.query_text
         return cls(
             id=next_id(),
             uuid=str(_uuid.uuid4()),
@@ -271,7 +271,7 @@ class Pattern:
             last_accessed=now,
             metadata=PatternMetadata(tags=list(t.metadata.tags), source="trajectory",
                                      attributes=check_attributes(trajectory_attributes(t), "trajectory attributes")),
-            text=text if isinstance(text, str) else None,
+            text=text,
             outcome=outcome,
         )
 

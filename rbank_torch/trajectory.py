@@ -251,6 +251,22 @@ class Trajectory:
     def is_failure(self) -> bool:
         return self.verdict.kind is VerdictKind.FAILURE
 
+    @property
+    def query_text(self) -> str | None:
+        """The task's text (``metadata.attributes["query"]``), which its pattern keeps as ``text``; None
+        when the trajectory was started from an embedding alone."""
+        v = self.metadata.attributes.get("query")
+        return v if isinstance(v, str) else None
+
+    @query_text.setter
+    def query_text(self, text: str | None) -> None:
+        if text is None:
+            self.metadata.attributes.pop("query", None)
+        elif not isinstance(text, str):
+            raise ValueError(f"query_text must be a string or None, got {type(text).__name__}")
+        else:
+            self.metadata.attributes["query"] = text
+
     def add_lesson(self, lesson: str) -> None:
         self.lessons.append(str(lesson))
 

@@ -102,6 +102,7 @@ def test_start_trajectory_with_text_and_store_trajectory_returns_the_id():
     rec = b.start_trajectory("write a parser for the config format")
     rec.add_step("write code", "needed", StepOutcome.success(), 0.9)
     t = rec.complete(Verdict.success())
+    assert t.query_text == "write a parser for the config format"
     t.metadata.user_id, t.metadata.request_type = "alice", "coding"
     t.metadata.attributes["agent"] = "planner"
     pid = b.store_trajectory(t)
