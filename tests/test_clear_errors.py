@@ -214,3 +214,20 @@ def test_log_times_and_latencies_out_of_range_keep_file_line_field(tmp_path):
     with pytest.raises(LogFormatError) as ei:
         _read(tmp_path, line)
     assert ei.value.field == "total_latency_ms"
+
+
+def test_deeply_nested_ewc_header_is_a_value_error(tmp_path):
+    from safetensors import safe_open
+
+    from rbank_torch.ewc import EWCPlusPlus
+
+    ewc = EWCPlusPlus(torch.nn.Linear(2, 2))
+    path = tmp_path / "ewc.safetensors"
+    ewc.save(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta["config"] = "[" * 200_000 + "]" * 200_000
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(ValueError, match="config"):
+        EWCPlusPlus(torch.nn.Linear(2, 2)).load(str(path))
