@@ -87,6 +87,10 @@ _EXPORTS = {
     "SnapshotError": "snapshot",
     "JournalError": "journal",
     "JournalTailWarning": "journal",
+    "JournalWriteError": "journal",
+    # one writer per bank; write targets
+    "BankLockedError": "locking",
+    "NotARegularFileError": "_fsio",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -113,7 +117,9 @@ if TYPE_CHECKING:  # static type checkers see the real names
     )
     from .distributed import DistributedError
     from .ewc import EWCPlusPlus
-    from .journal import JournalError, JournalTailWarning
+    from ._fsio import NotARegularFileError
+    from .journal import JournalError, JournalTailWarning, JournalWriteError
+    from .locking import BankLockedError
     from .logs import LogFormatError
     from .patterns import Pattern, PatternCategory, PatternMetadata, PatternSearchResult
     from .snapshot import SnapshotError
