@@ -96,6 +96,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:  # static type checkers see the real names
+    from ._fsio import NotARegularFileError
     from .backends import MissingBackendError
     from .bank import ReasoningBank, ReasoningBankConfig, ReasoningBankStats
     from .consolidation import (
@@ -117,7 +118,6 @@ if TYPE_CHECKING:  # static type checkers see the real names
     )
     from .distributed import DistributedError
     from .ewc import EWCPlusPlus
-    from ._fsio import NotARegularFileError
     from .journal import JournalError, JournalTailWarning, JournalWriteError
     from .locking import BankLockedError
     from .logs import LogFormatError
