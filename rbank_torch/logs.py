@@ -863,31 +863,31 @@ def _other_errors(obj: Any, first: str | None) -> list[str]:
         return []
     out: list[str] = []
 
-    def check(fn: Callable[[], Any]) -> None:
+    def check(fn: Callable[..., Any], *args: Any) -> None:
         try:
-            fn()
+            fn(*args)
         except _FieldError as e:
             if e.field != first and len(out) < _MORE_ERRORS:
                 out.append(str(e))
         except (ValueError, TypeError, OverflowError):
             pass
 
-    check(lambda: _unknown(obj, TOP_LEVEL_FIELDS, ""))
+    check(_unknown, obj, TOP_LEVEL_FIELDS, "")
     emb = obj.get("query_embedding")
     if type(emb) is list:
-        check(lambda: _check_numbers(emb, "query_embedding"))
+        check(_check_numbers, emb, "query_embedding")
     if "verdict" in obj:
-        check(lambda: _verdict(obj["verdict"], "verdict"))
+        check(_verdict, obj["verdict"], "verdict")
     steps = obj.get("steps")
     if type(steps) is list:
         for i, st in enumerate(steps[:100]):
-            check(lambda st=st, i=i: _step(st, i, _EPOCH))
-    check(lambda: _str_list(obj.get("lessons"), "lessons"))
+            check(_step, st, i, _EPOCH)
+    check(_str_list, obj.get("lessons"), "lessons")
     for k in ("started_at", "completed_at"):
         if obj.get(k) is not None:
-            check(lambda k=k: _time(obj[k], k))
+            check(_time, obj[k], k)
     if obj.get("quality") is not None:
-        check(lambda: _unit(obj["quality"], "quality"))
+        check(_unit, obj["quality"], "quality")
     return out
 
 
