@@ -104,11 +104,16 @@ _EXPORTS = {
     "SnapshotError": "snapshot",
     "JournalError": "journal",
     "JournalTailWarning": "journal",
+    "JournalWriteError": "journal",
+    # one writer per bank; write targets
+    "BankLockedError": "locking",
+    "NotARegularFileError": "_fsio",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:  # static type checkers see the real names
+    from ._fsio import NotARegularFileError
     from .backends import MissingBackendError
     from .bank import ReasoningBank, ReasoningBankConfig, ReasoningBankStats, format_memories
     from .consolidation import (
@@ -130,7 +135,7 @@ if TYPE_CHECKING:  # static type checkers see the real names
     )
     from .distributed import DistributedError
     from .ewc import EWCPlusPlus
-    from .journal import JournalError, JournalTailWarning
+    from .journal import JournalError, JournalTailWarning, JournalWriteError
     from .llm import (
         Judge,
         Judgement,
@@ -147,6 +152,7 @@ if TYPE_CHECKING:  # static type checkers see the real names
         RuleJudge,
         TransformersPipeline,
     )
+    from .locking import BankLockedError
     from .logs import LogFormatError
     from .patterns import Pattern, PatternCategory, PatternMetadata, PatternSearchResult
     from .retrieval import RetrievalScoring

@@ -1236,12 +1236,12 @@ class EWCPlusPlus:
             raise ValueError(f"path {path!r} is not a readable safetensors file: {e}") from e
         if meta.get("format") != FORMAT_NAME:
             raise ValueError(f"path {path!r} is not an EWC++ file (format {meta.get('format')!r})")
-        names = json.loads(meta["names"])
+        names = _meta_json(meta, "names", path)
         if names != self._names:
             missing = [n for n in self._names if n not in names]
             extra = [n for n in names if n not in self._names]
             raise ValueError(f"path {path!r}: parameter names differ: missing {missing}, unexpected {extra}")
-        shapes = json.loads(meta["shapes"])
+        shapes = _meta_json(meta, "shapes", path)
         for name, s, p in zip(names, shapes, self._params):
             if list(p.shape) != list(s):
                 raise ValueError(f"path {path!r}: parameter {name!r} has shape {tuple(s)} in the file, {tuple(p.shape)} here")
@@ -1259,7 +1259,7 @@ class EWCPlusPlus:
         state = {
             "format": FORMAT_NAME,
             "format_version": int(meta["format_version"]),
-            "config": json.loads(meta["config"]),
+            "config": _meta_json(meta, "config", path),
             "lambda": float(meta["lambda"]),
             "num_tasks": int(meta["num_tasks"]),
             "consolidated": meta["consolidated"] == "1",
@@ -1353,3 +1353,14 @@ def _collect_params(
         names.append(name)
         params.append(p)
     return names, params
+
+
+def _meta_json(meta: dict[str, str], key: str, path: Any) -> Any:
+    """One JSON field of an EWC++ file's header; a missing, malformed or too deeply nested one is a
+    ``ValueError`` naming the file and the field."""
+    try:
+        return json.loads(meta[key])
+    except KeyError:
+        raise ValueError(f"path {path!r}: the header has no {key!r} field") from None
+    except (ValueError, RecursionError, TypeError) as e:
+        raise ValueError(f"path {path!r}: header field {key!r} is not valid JSON ({type(e).__name__})") from None

@@ -658,7 +658,8 @@ class _ChunkBuilder:
             else:
                 src = 2
         except _FieldError as e:
-            self.bad(line, e.field, e.reason)
+            more = _other_errors(obj, e.field)
+            self.bad(line, e.field, e.reason + (f" (also: {'; '.join(more)})" if more else ""))
             return
         except (ValueError, TypeError, OverflowError) as e:
             self.bad(line, None, f"invalid record ({e})")
@@ -849,6 +850,45 @@ def _open_text(path: Path) -> BinaryIO:
     if str(path).endswith(".gz"):
         return gzip.open(path, "rb")  # type: ignore[return-value]  # GzipFile implements BinaryIO's methods
     return open(path, "rb", buffering=1 << 20)
+
+
+#: the most further errors of one bad line listed after its first one
+_MORE_ERRORS = 10
+
+
+def _other_errors(obj: Any, first: str | None) -> list[str]:
+    """The errors of a bad record beyond its first one (``first`` is that one's field), each part of the
+    record checked on its own: ``"field: reason"``, at most :data:`_MORE_ERRORS`."""
+    if type(obj) is not dict:
+        return []
+    out: list[str] = []
+
+    def check(fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            fn(*args)
+        except _FieldError as e:
+            if e.field != first and len(out) < _MORE_ERRORS:
+                out.append(str(e))
+        except (ValueError, TypeError, OverflowError):
+            pass
+
+    check(_unknown, obj, TOP_LEVEL_FIELDS, "")
+    emb = obj.get("query_embedding")
+    if type(emb) is list:
+        check(_check_numbers, emb, "query_embedding")
+    if "verdict" in obj:
+        check(_verdict, obj["verdict"], "verdict")
+    steps = obj.get("steps")
+    if type(steps) is list:
+        for i, st in enumerate(steps[:100]):
+            check(_step, st, i, _EPOCH)
+    check(_str_list, obj.get("lessons"), "lessons")
+    for k in ("started_at", "completed_at"):
+        if obj.get(k) is not None:
+            check(_time, obj[k], k)
+    if obj.get("quality") is not None:
+        check(_unit, obj["quality"], "quality")
+    return out
 
 
 def _bounded_lines(f: BinaryIO) -> Iterator[tuple[bytes | None, int]]:

@@ -214,3 +214,33 @@ def test_log_times_and_latencies_out_of_range_keep_file_line_field(tmp_path):
     with pytest.raises(LogFormatError) as ei:
         _read(tmp_path, line)
     assert ei.value.field == "total_latency_ms"
+
+
+def test_deeply_nested_ewc_header_is_a_value_error(tmp_path):
+    from safetensors import safe_open
+
+    from rbank_torch.ewc import EWCPlusPlus
+
+    ewc = EWCPlusPlus(torch.nn.Linear(2, 2))
+    path = tmp_path / "ewc.safetensors"
+    ewc.save(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta["config"] = "[" * 200_000 + "]" * 200_000
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(ValueError, match="config"):
+        EWCPlusPlus(torch.nn.Linear(2, 2)).load(str(path))
+
+
+def test_every_error_of_a_bad_line_is_reported(tmp_path):
+    line = ('{"query_embedding": [0.1, 0.2], "steps": [{"action": "a", "outcome": "success", "confidence": 1.7}, '
+            '{"action": 5, "outcome": "success", "confidence": 0.5}], "verdict": {"kind": "won"}, '
+            '"lessons": [3], "colour": "red"}\n')
+    with pytest.raises(LogFormatError) as ei:
+        _read(tmp_path, line)
+    msg = str(ei.value)
+    assert ei.value.line == 1
+    for fld in ("colour", "steps[0].confidence", "steps[1].action", "verdict.kind", "lessons[0]"):
+        assert fld in msg, (fld, msg)
+    assert msg.count("colour") == 1  # the first error is not repeated
