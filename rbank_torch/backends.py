@@ -309,7 +309,7 @@ class _Index:
         self.slot_live = np.zeros(0, dtype=np.bool_)  # [cap]
         self.version = 0
         self._bits: tuple[int, np.ndarray, Any] | None = None  # (version, packed bitmap, selector)
-        self.params_cache: tuple[Any, Any, Any] | None = None  # (selector, params, unused)
+        self.params_cache: tuple[Any, Any, Any] | None = None  # (selector, params, efSearch)
 
     def reserve(self, n: int) -> None:
         if n <= self.slot_id.shape[0]:
@@ -1132,11 +1132,13 @@ class FaissBackend(SearchBackend):
         """Search parameters for a CPU index (efSearch / nprobe from the config, the dead-slot selector)."""
         fa = self._fa()
         cached = ix.params_cache
-        if cached is not None and cached[0] is sel:
+        # keyed by the selector and efSearch: a changed config.ef_search takes effect at the next search
+        ef = self.store.config.ef_search
+        if cached is not None and cached[0] is sel and cached[2] == ef:
             return cached[1]
         if ix.kind == "hnsw":
             p = fa.SearchParametersHNSW()
-            p.efSearch = self.store.config.ef_search
+            p.efSearch = ef
         elif ix.kind == "ivf":
             p = fa.SearchParametersIVF()
             p.nprobe = self._nprobe(ix.nlist)
@@ -1146,7 +1148,7 @@ class FaissBackend(SearchBackend):
             p = fa.SearchParameters()
         if sel is not None:
             p.sel = sel
-        ix.params_cache = (sel, p, None)
+        ix.params_cache = (sel, p, ef)
         return p
 
     # ------------------------------------------------------------------ snapshots

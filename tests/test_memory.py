@@ -461,3 +461,15 @@ def test_cli_search_stats_and_report_show_provenance(tmp_path, monkeypatch, caps
     loaded = ReasoningBank.load(str(bank_path))
     texts = {p.text for p in loaded.export_patterns()}
     assert None not in texts and sum(t in html for t in texts) >= 3
+
+
+def test_a_changed_ef_search_takes_effect_at_the_next_search():
+    pytest.importorskip("faiss")
+    b, x, rows = _random_bank("faiss-hnsw", 1200, seed=7)
+    q = x[:20] + 0.3
+    b.search_similar_batch(q, 10)
+    ix = b.store.search_backend._ix
+    assert ix.params_cache[2] == b.store.config.ef_search
+    b.store.config.ef_search = 321
+    b.search_similar_batch(q, 10)
+    assert ix.params_cache[1].efSearch == 321
