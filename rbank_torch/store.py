@@ -51,6 +51,9 @@ _DTYPES = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
     "float64": torch.float64,
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
 }
 _NEG_INF = float("-inf")
 _F32_MAX = torch.finfo(torch.float32).max
@@ -91,7 +94,7 @@ class PatternStoreConfig:
     storage_path: str | None = None
     #: where the columns live ("cpu", "cuda", "cuda:1", …)
     device: str = "cpu"
-    #: dtype of the embedding column ("float32", "float16", "bfloat16", "float64")
+    #: dtype of the embedding column ("float32", "float16", "bfloat16", "float64"; also "fp32", "fp16", "bf16")
     dtype: str = "float32"
     #: search backend: "auto" (exact on CUDA and for small stores, HNSW / IVF on CPU past measured sizes),
     #: "exact", "faiss-hnsw", "faiss-ivf" or "faiss-flat" (see rbank_torch.backends and docs/search.md)
@@ -596,7 +599,7 @@ class PatternStore:
         if not rows:
             return []
         idx = torch.as_tensor(list(rows), dtype=torch.int64, device=self.device)
-        emb = self._emb[idx].to(torch.float32)
+        emb = self._emb.index_select(0, idx).to(torch.float32)
         cols = {
             name: getattr(self, name)[idx].tolist()
             for name in ("_ids", "_conf", "_usage", "_success", "_avgq", "_created", "_last", "_cat")
@@ -1122,6 +1125,27 @@ class PatternStore:
         assert best_s is not None and best_r is not None
         return best_s, best_r
 
+    def _rerank(self, qp: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The best ``k`` of candidate ids ``[B, c]`` (−1: none) by their exact scores (the score space of
+        :meth:`_search_rows`): (scores ``[B, k']``, ids ``[B, k']``); candidates no longer stored drop out."""
+        B, c = ids.shape
+        if c == 0:
+            return torch.empty((B, 0), device=self.device), ids
+        scale, bias = self._scores_prep()
+        row_of = self._row_of
+        rows = torch.tensor([row_of.get(i, -1) for i in ids.reshape(-1).tolist()], dtype=torch.int64,
+                            device=self.device).view(B, c)
+        ok = rows >= 0
+        rr = rows.clamp(min=0)
+        rf = rr.reshape(-1)
+        e = self._emb.index_select(0, rf).view(B, c, -1)
+        dots = torch.bmm(e.float(), qp.float().unsqueeze(2)).squeeze(2)  # [B, c]
+        sc = (dots * scale.index_select(0, rf).view(B, c) + bias.index_select(0, rf).view(B, c))
+        sc.masked_fill_(~ok, _NEG_INF)
+        ts, j = torch.topk(sc, min(k, c), dim=1)
+        ti = torch.gather(ids.to(self.device), 1, j)
+        return ts, torch.where(torch.isfinite(ts), ti, torch.full_like(ti, -1))
+
     def _prepare_queries(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cast/normalise queries ``[B, D]``; returns (prepared, squared norms)."""
         q = q.to(device=self.device, dtype=torch.float32)
@@ -1170,18 +1194,21 @@ class PatternStore:
             plan = self._backend.begin_search(qp, qsq, k)
             if plan is None:
                 s, r = self._search_rows(qp, k)
-                ids = torch.where(torch.isfinite(s), self._ids[r] if r.numel() else r, torch.full_like(r, -1))
+                ids = torch.where(torch.isfinite(s), _take(self._ids, r), torch.full_like(r, -1))
         if plan is not None:
             # approximate backend: the index search runs outside the store lock (unless the caller holds it)
             s, ids = plan.run()
             with self._lock:
+                if plan.rerank:
+                    s, ids = self._rerank(qp, ids, k)
                 # an index may return fewer than min(k, live) (HNSW with dead slots, IVF probing few lists):
                 # then the exact search answers, so the count is always min(k, live)
                 need = min(k, len(self))
-                if s.shape[1] < need or bool(((ids >= 0).sum(dim=1) < need).any()):
+                # results are best first with the missing ones (−1) last: the need-th column tells
+                if s.shape[1] < need or (need > 0 and _any_missing(ids[:, need - 1])):
                     self._flush()
                     s, r = self._search_rows(qp, k)
-                    ids = torch.where(torch.isfinite(s), self._ids[r] if r.numel() else r, torch.full_like(r, -1))
+                    ids = torch.where(torch.isfinite(s), _take(self._ids, r), torch.full_like(r, -1))
         s = self._finish_scores(s, qsq)
         B = qp.shape[0]
         if s.shape[1] < k:
@@ -1417,14 +1444,14 @@ class PatternStore:
             return []
         if self.device.type == "cpu":
             ri = np.asarray(rows, dtype=np.int64)
-            emb = self._emb[torch.from_numpy(ri)]
+            emb = self._emb.index_select(0, torch.from_numpy(ri))
             conf, usage, success, avgq, created, last, cat, outcome = (
                 getattr(self, c).numpy()[ri].tolist()
                 for c in ("_conf", "_usage", "_success", "_avgq", "_created", "_last", "_cat", "_outcome")
             )
         else:
             idx = torch.tensor(rows, dtype=torch.int64, device=self.device)
-            emb = self._emb[idx]
+            emb = self._emb.index_select(0, idx)
             conf, usage, success, avgq, created, last, cat, outcome = (
                 getattr(self, c)[idx].tolist()
                 for c in ("_conf", "_usage", "_success", "_avgq", "_created", "_last", "_cat", "_outcome")
@@ -1633,6 +1660,21 @@ class PatternStore:
 
         tensors, meta = read_snapshot(path, "rbank_torch.store")
         return cls.from_state_tensors(tensors, meta, **overrides)
+
+
+def _any_missing(ids: torch.Tensor) -> bool:
+    """Whether any of the ids ``[B]`` is −1 (numpy on the CPU: a torch reduction costs more here)."""
+    if ids.device.type == "cpu":
+        return bool((ids.numpy() < 0).any())
+    return bool((ids < 0).any())
+
+
+def _take(col: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``col[rows]`` for an index tensor of any shape, through ``index_select`` (advanced indexing costs
+    hundreds of µs per call on some CPU builds, far more than the few values it gathers)."""
+    if rows.numel() == 0:
+        return rows
+    return col.index_select(0, rows.reshape(-1)).view(rows.shape)
 
 
 def _check_overrides(overrides: dict[str, Any]) -> None:
