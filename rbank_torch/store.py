@@ -1289,6 +1289,8 @@ class PatternStore:
         with self._lock:
             self._flush()
             if plan is not None:
+                if plan.rerank:  # approximate scores of candidates: exact ones, all candidates kept
+                    s_raw, ids_raw = self._rerank(qp, ids_raw, ids_raw.shape[1])
                 rows, sc = self._rows_of_ids(ids_raw, s_raw, qsq, mask, pool)
                 if rows is None:  # the index could not supply enough matching rows: exact search answers
                     mask = self._mask(filters) if filters is not None else None

@@ -110,6 +110,20 @@ def test_sq8_backend_reranks_exactly(metric: str) -> None:
     assert len(st.search_similar(q[0], 10_000)) == len(ids) - 1
 
 
+def test_sq8_search_memory_scores_exactly() -> None:
+    pytest.importorskip("faiss")
+    x = clustered(800)
+    st = PatternStore(PatternStoreConfig(embedding_dim=D, backend="faiss-sq8", backend_options={"background": False}))
+    ex = PatternStore(PatternStoreConfig(embedding_dim=D, backend="exact"))
+    for s_ in (st, ex):
+        s_.store_patterns([Pattern.new(e, "general", 0.9) for e in x])
+    st.search_backend.wait()
+    q = clustered(10, seed=4)
+    sc1, sim1, _ = st.search_memory(q, 5)
+    sc2, sim2, _ = ex.search_memory(q, 5)
+    assert torch.allclose(sim1, sim2, atol=1e-5) and torch.allclose(sc1, sc2, atol=1e-5)
+
+
 def test_interim_index_answers_while_the_first_build_runs(monkeypatch) -> None:
     pytest.importorskip("faiss")
     gate = threading.Event()
