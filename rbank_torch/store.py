@@ -249,6 +249,8 @@ class _Row:
 
 _US = timedelta(microseconds=1)
 
+#: the columns a search result reads when it is made (the rest of its pattern is built when read)
+_RESULT_COLUMNS = ("_conf", "_usage", "_success", "_avgq", "_created", "_last", "_cat", "_outcome")
 #: Pattern fields a search result builds only when first read (see :class:`_PatternView`)
 _LAZY_FIELDS = frozenset(
     ("embedding", "source_trajectories", "lessons", "example_actions", "created_at", "last_accessed", "metadata")
@@ -271,8 +273,8 @@ class _PatternView(Pattern):
         lz = d.get("_lz")
         if lz is None or name not in _LAZY_FIELDS:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        emb, created, last, side = lz
-        d["embedding"] = emb.clone()
+        emb, i, created, last, side = lz
+        d["embedding"] = emb[i].clone()
         d["source_trajectories"] = list(side[0] or ())
         d["lessons"] = list(side[1] or ())
         d["example_actions"] = list(side[2] or ())
@@ -417,6 +419,8 @@ class PatternStore:
         self._cat_codes: dict[str, int] = {n: i for i, n in enumerate(BUILTIN_CATEGORIES)}
         self._cat_names: list[str] = list(BUILTIN_CATEGORIES)
         self._cat_objs: dict[str, PatternCategory] = {}  # shared immutable category objects of results
+        #: numpy views of the CPU columns search results read (keyed by the _conf tensor they were made from)
+        self._np_cols: tuple[torch.Tensor, list[np.ndarray]] | None = None
         self._total_searches = 0
         self._search_time_ms = 0.0
         #: observer of mutations (the bank's journal): ``touched(ids)`` and ``op_done()``
@@ -1146,6 +1150,10 @@ class PatternStore:
         ti = torch.gather(ids.to(self.device), 1, j)
         return ts, torch.where(torch.isfinite(ts), ti, torch.full_like(ti, -1))
 
+    def _ids_of_rows(self, s: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """Pattern ids ``[B, k]`` of exact-search rows ``r`` (−1 where the score ``s`` is −inf)."""
+        return _ids_missing_as_minus_one(_take(self._ids, r), s)
+
     def _prepare_queries(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cast/normalise queries ``[B, D]``; returns (prepared, squared norms)."""
         q = q.to(device=self.device, dtype=torch.float32)
@@ -1178,6 +1186,10 @@ class PatternStore:
         query (validated as such), None for a batch. ``k`` is capped at the live count for a single query."""
         # an approximate backend may validate and prepare plain CPU float32 queries itself (cheaper per call)
         pre = self._backend.prepare_queries(queries)
+        if pre is None and self.device.type == "cpu" and self.dtype == torch.float32:
+            from .backends import fast_prepare
+
+            pre = fast_prepare(queries, self.config.embedding_dim, self.config.distance_metric)
         if pre is None:
             if single is None:
                 pre_q = as_embedding_batch(queries, "queries", dim=self.config.embedding_dim)
@@ -1194,7 +1206,7 @@ class PatternStore:
             plan = self._backend.begin_search(qp, qsq, k)
             if plan is None:
                 s, r = self._search_rows(qp, k)
-                ids = torch.where(torch.isfinite(s), _take(self._ids, r), torch.full_like(r, -1))
+                ids = self._ids_of_rows(s, r)
         if plan is not None:
             # approximate backend: the index search runs outside the store lock (unless the caller holds it)
             s, ids = plan.run()
@@ -1208,7 +1220,7 @@ class PatternStore:
                 if s.shape[1] < need or (need > 0 and _any_missing(ids[:, need - 1])):
                     self._flush()
                     s, r = self._search_rows(qp, k)
-                    ids = torch.where(torch.isfinite(s), _take(self._ids, r), torch.full_like(r, -1))
+                    ids = self._ids_of_rows(s, r)
         s = self._finish_scores(s, qsq)
         B = qp.shape[0]
         if s.shape[1] < k:
@@ -1447,16 +1459,15 @@ class PatternStore:
         if self.device.type == "cpu":
             ri = np.asarray(rows, dtype=np.int64)
             emb = self._emb.index_select(0, torch.from_numpy(ri))
-            conf, usage, success, avgq, created, last, cat, outcome = (
-                getattr(self, c).numpy()[ri].tolist()
-                for c in ("_conf", "_usage", "_success", "_avgq", "_created", "_last", "_cat", "_outcome")
-            )
+            cache = self._np_cols
+            if cache is None or cache[0] is not self._conf:  # the columns were reallocated
+                cache = self._np_cols = (self._conf, [getattr(self, c).numpy() for c in _RESULT_COLUMNS])
+            conf, usage, success, avgq, created, last, cat, outcome = (col[ri].tolist() for col in cache[1])
         else:
             idx = torch.tensor(rows, dtype=torch.int64, device=self.device)
             emb = self._emb.index_select(0, idx)
             conf, usage, success, avgq, created, last, cat, outcome = (
-                getattr(self, c)[idx].tolist()
-                for c in ("_conf", "_usage", "_success", "_avgq", "_created", "_last", "_cat", "_outcome")
+                getattr(self, c).index_select(0, idx).tolist() for c in _RESULT_COLUMNS
             )
         if emb.dtype != torch.float32:
             emb = emb.to(torch.float32)
@@ -1474,7 +1485,7 @@ class PatternStore:
             v.__dict__ = {
                 "id": ids[i], "uuid": sd.uuid, "category": c, "confidence": conf[i], "usage_count": usage[i],
                 "success_count": success[i], "avg_quality": avgq[i], "text": sd.text, "outcome": OUTCOMES[outcome[i]],
-                "_lz": (emb[i], created[i], last[i],
+                "_lz": (emb, i, created[i], last[i],
                         (sd._sources, sd._lessons, sd._actions, sd._tags, sd.source, sd.version, sd._attributes)),
             }
             out.append(v)
@@ -1662,6 +1673,13 @@ class PatternStore:
 
         tensors, meta = read_snapshot(path, "rbank_torch.store")
         return cls.from_state_tensors(tensors, meta, **overrides)
+
+
+def _ids_missing_as_minus_one(ids: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``ids`` with −1 where the score ``s`` is not finite (numpy on the CPU)."""
+    if s.device.type == "cpu":
+        return torch.from_numpy(np.where(np.isfinite(s.numpy()), ids.numpy(), -1))
+    return torch.where(torch.isfinite(s), ids, torch.full_like(ids, -1))
 
 
 def _any_missing(ids: torch.Tensor) -> bool:
