@@ -114,6 +114,9 @@ class BackendOptions:
     #: while a first HNSW / IVF index builds in the background, answer from a quickly built SQ8 scan of the
     #: same rows (candidates re-ranked exactly) instead of a full exact scan that competes with the build
     interim: bool = True
+    #: OpenMP threads of a background build while the interim index answers (0: one, leaving the other
+    #: cores to the searches; the build takes longer); later builds and absorptions use faiss's default
+    interim_build_threads: int = 0
 
     @classmethod
     def from_config(cls, d: dict[str, Any] | None) -> BackendOptions:
@@ -131,7 +134,7 @@ class BackendOptions:
             v = getattr(o, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"backend_options[{name!r}] must be a positive integer, got {v!r}")
-        for name in ("nlist", "nprobe"):
+        for name in ("nlist", "nprobe", "interim_build_threads"):
             v = getattr(o, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"backend_options[{name!r}] must be a non-negative integer, got {v!r}")
@@ -939,6 +942,10 @@ class FaissBackend(SearchBackend):
         try:
             if job.op == "build":
                 if job.want_interim and job.ids is not None:
+                    # NOTE: OpenMP's thread count is per calling thread: this limits the worker's build only.
+                    # A build on every core leaves single queries of the interim index one core short (and
+                    # slower than an exact scan on a quiet machine); with one thread they keep a core.
+                    self._fa().omp_set_num_threads(self.opts.interim_build_threads or 1)
                     iix = self._build_index("sq8", job.vectors)
                     m = int(job.ids.size)
                     iix.reserve(m)
