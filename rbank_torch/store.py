@@ -1449,7 +1449,14 @@ class PatternStore:
             row_of = self._row_of
             rows = [row_of[i] for i in ids_l if i >= 0]
             pats = self._result_patterns(rows, ids_l)
-        return [PatternSearchResult(p, s, r) for r, (p, s) in enumerate(zip(pats, sims_l))]
+        out: list[PatternSearchResult] = []
+        new = object.__new__
+        for r, (p, s) in enumerate(zip(pats, sims_l)):
+            # the dataclass's own __init__ + __post_init__, without their call overhead (score = similarity)
+            res = new(PatternSearchResult)
+            res.__dict__ = {"pattern": p, "similarity": s, "rank": r, "score": s}
+            out.append(res)
+        return out
 
     def _result_patterns(self, rows: list[int], ids: list[int]) -> list[Pattern]:
         """Patterns of search results at ``rows`` (ids ``ids``): :class:`_PatternView` copies, whose costly
@@ -1482,12 +1489,12 @@ class PatternStore:
             if c is None:
                 c = cats[name] = PatternCategory(name)
             v = new(_PatternView)
-            v.__dict__ = {
+            object.__setattr__(v, "__dict__", {
                 "id": ids[i], "uuid": sd.uuid, "category": c, "confidence": conf[i], "usage_count": usage[i],
                 "success_count": success[i], "avg_quality": avgq[i], "text": sd.text, "outcome": OUTCOMES[outcome[i]],
                 "_lz": (emb, i, created[i], last[i],
                         (sd._sources, sd._lessons, sd._actions, sd._tags, sd.source, sd.version, sd._attributes)),
-            }
+            })
             out.append(v)
         return out
 
