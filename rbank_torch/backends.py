@@ -70,8 +70,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: names accepted by ``PatternStoreConfig.backend``
-BACKENDS = ("auto", "exact", "faiss-hnsw", "faiss-ivf", "faiss-flat")
-_KIND_OF = {"faiss-hnsw": "hnsw", "faiss-ivf": "ivf", "faiss-flat": "flat"}
+BACKENDS = ("auto", "exact", "faiss-hnsw", "faiss-ivf", "faiss-flat", "faiss-sq8")
+_KIND_OF = {"faiss-hnsw": "hnsw", "faiss-ivf": "ivf", "faiss-flat": "flat", "faiss-sq8": "sq8"}
 
 # NOTE: crossover measured on a 2-core EPYC at D = 768 (benchmarks/bench_search.py --crossover, see
 # docs/search.md): HNSW (M 32, efC 200, ef 100) beats exact search on single queries at every measured size
@@ -109,6 +109,14 @@ class BackendOptions:
     background: bool = True
     #: rows added to the index per write-lock hold when absorbing in the background (bounds search stalls)
     absorb_chunk: int = 256
+    #: ``faiss-sq8`` (and the interim index): candidates fetched per result, re-ranked exactly on the rows
+    rerank: int = 4
+    #: while a first HNSW / IVF index builds in the background, answer from a quickly built SQ8 scan of the
+    #: same rows (candidates re-ranked exactly) instead of a full exact scan that competes with the build
+    interim: bool = True
+    #: OpenMP threads of a background build while the interim index answers (0: one, leaving the other
+    #: cores to the searches; the build takes longer); later builds and absorptions use faiss's default
+    interim_build_threads: int = 0
 
     @classmethod
     def from_config(cls, d: dict[str, Any] | None) -> BackendOptions:
@@ -122,16 +130,17 @@ class BackendOptions:
         if unknown:
             raise ValueError(f"backend_options has unknown keys {unknown} (known: {sorted(known)})")
         o = cls(**d)
-        for name in ("buffer_rows", "hnsw_min_rows", "ivf_min_rows", "absorb_chunk"):
+        for name in ("buffer_rows", "hnsw_min_rows", "ivf_min_rows", "absorb_chunk", "rerank"):
             v = getattr(o, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"backend_options[{name!r}] must be a positive integer, got {v!r}")
-        for name in ("nlist", "nprobe"):
+        for name in ("nlist", "nprobe", "interim_build_threads"):
             v = getattr(o, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"backend_options[{name!r}] must be a non-negative integer, got {v!r}")
-        if not isinstance(o.background, bool):
-            raise ValueError(f"backend_options['background'] must be a bool, got {o.background!r}")
+        for name in ("background", "interim"):
+            if not isinstance(getattr(o, name), bool):
+                raise ValueError(f"backend_options[{name!r}] must be a bool, got {getattr(o, name)!r}")
         return o
 
 
@@ -353,17 +362,28 @@ class _Job:
         self.seconds = 0.0
         self.thread: threading.Thread | None = None
         self.finished = threading.Event()
+        #: build: ids of the items (slot order), for the interim index
+        self.ids: np.ndarray | None = None
+        #: build: store rows when the job started (rows from there on are searched exactly beside the interim)
+        self.n0 = 0
+        #: build: an SQ8 index of the same items that answers (re-ranked) until the build is adopted
+        self.interim: _Index | None = None
+        self.want_interim = False
+        #: build: rows were rewritten or compacted since the job started: the interim index is not used
+        self.stale = False
 
 
 class _SearchPlan:
     """A search started under the store lock; :meth:`run` does the faiss part (the index read lock is held
     from :meth:`FaissBackend.begin_search` until :meth:`run` returns) and merges it with the buffer part."""
 
-    __slots__ = ("_ix", "_xq", "_qsq", "_k", "_kf", "_params", "_bits", "_buf", "_device", "_l2", "_keep")
+    __slots__ = ("_ix", "_xq", "_qsq", "_k", "_kf", "_params", "_bits", "_buf", "_device", "_l2", "_keep", "rerank")
 
     def __init__(self, be: FaissBackend, ix: _Index, xq: np.ndarray, qsq: torch.Tensor, k: int, kf: int,
                  params: Any, bits: np.ndarray | None, buf: tuple[torch.Tensor, torch.Tensor] | None,
-                 keep: tuple[Any, ...] = ()) -> None:
+                 keep: tuple[Any, ...] = (), rerank: bool = False) -> None:
+        #: the results are candidates (``k`` of them) for the store to re-rank exactly
+        self.rerank = rerank
         self._ix, self._xq, self._qsq, self._k, self._kf = ix, xq, qsq, k, kf
         self._params, self._bits, self._buf = params, bits, buf
         self._keep = keep  # the selector and its bitmap: faiss holds raw pointers to them during the search
@@ -817,6 +837,8 @@ class FaissBackend(SearchBackend):
             self._ix.kill(slots)
 
     def on_compact(self, keep: torch.Tensor) -> None:
+        if self._job is not None:
+            self._job.stale = True
         k = keep.cpu().numpy().astype(np.int64, copy=False)
         m = int(k.size)
         self._row_slot[:m] = self._row_slot[k]
@@ -830,6 +852,8 @@ class FaissBackend(SearchBackend):
         self._maintain()
 
     def on_change(self, rows: torch.Tensor) -> None:
+        if self._job is not None:
+            self._job.stale = True
         r = rows.cpu().numpy().astype(np.int64, copy=False)
         self._row_job[r] = -1
         slots = self._row_slot[r]
@@ -881,7 +905,13 @@ class FaissBackend(SearchBackend):
         rows = torch.nonzero(self.store._alive[: self._n]).flatten().cpu().numpy().astype(np.int64)
         self._row_job[: self._n] = -1
         self._row_job[rows] = np.arange(rows.size, dtype=np.int64)
-        self._launch(_Job("build", kind, self._prepared(rows), 0, None))
+        job = _Job("build", kind, self._prepared(rows), 0, None)
+        if (self.opts.interim and kind in ("hnsw", "ivf") and self._ix is None and self.opts.background
+                and not self.gpu):
+            job.want_interim = True
+            job.ids = self.store._ids[torch.from_numpy(rows).to(self.device)].cpu().numpy()
+            job.n0 = self._n
+        self._launch(job)
 
     def _start_absorb(self) -> None:
         ix = self._ix
@@ -911,6 +941,18 @@ class FaissBackend(SearchBackend):
         t0 = time.perf_counter()
         try:
             if job.op == "build":
+                if job.want_interim and job.ids is not None:
+                    # NOTE: OpenMP's thread count is per calling thread: this limits the worker's build only.
+                    # A build on every core leaves single queries of the interim index one core short (and
+                    # slower than an exact scan on a quiet machine); with one thread they keep a core.
+                    self._fa().omp_set_num_threads(self.opts.interim_build_threads or 1)
+                    iix = self._build_index("sq8", job.vectors)
+                    m = int(job.ids.size)
+                    iix.reserve(m)
+                    iix.slot_id[:m] = job.ids
+                    iix.slot_live[:m] = True
+                    iix.ntotal = m
+                    job.interim = iix  # published: searches use it from now on
                 job.result = self._build_index(job.kind, job.vectors)
             else:
                 ix = job.ix
@@ -938,6 +980,14 @@ class FaissBackend(SearchBackend):
             index = fa.IndexHNSWFlat(d, cfg.m, metric)
             index.hnsw.efConstruction = cfg.ef_construction
             index.hnsw.efSearch = cfg.ef_search
+            index.add(x)
+        elif kind == "sq8":
+            # 8 bits per value (per-dimension ranges trained on a sample); results are re-ranked exactly
+            index = fa.IndexScalarQuantizer(d, fa.ScalarQuantizer.QT_8bit, metric)
+            sample = x
+            if m > 65_536:
+                sample = x[np.sort(np.random.default_rng(0).choice(m, 65_536, replace=False))]
+            index.train(sample)
             index.add(x)
         elif kind == "flat":
             index = fa.index_factory(d, "Flat", metric)
@@ -1036,18 +1086,20 @@ class FaissBackend(SearchBackend):
             job.finished.wait(left)
 
     # ------------------------------------------------------------------ search
-    def _buffer_search(self, qp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Exact top-k over the buffered rows: (scores ``[B, k_b]``, ids ``[B, k_b]``), or None when empty."""
+    def _buffer_search(self, qp: torch.Tensor, k: int,
+                       start: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Exact top-k over the buffered rows (``start``: over rows ``start..n`` instead): (scores ``[B, k_b]``,
+        ids ``[B, k_b]``), or None when empty."""
         st = self.store
-        n, t = self._n, self._tail
+        n, t = self._n, self._tail if start is None else start
         parts: list[torch.Tensor] = []
-        if self._loose.size:
+        if self._loose.size and start is None:
             parts.append(torch.from_numpy(self._loose).to(st.device))
         if n > t:
             parts.append(torch.arange(t, n, device=st.device))
         if not parts:
             return None
-        if len(parts) == 1 and not self._loose.size:
+        if len(parts) == 1 and (start is not None or not self._loose.size):
             E, nrm, alive, rows = st._emb[t:n], st._norm[t:n], st._alive[t:n], parts[0]
         else:
             rows = torch.cat(parts)
@@ -1061,7 +1113,8 @@ class FaissBackend(SearchBackend):
             s.mul_(2.0).sub_(nrm * nrm)
         s.masked_fill_(~alive, float("-inf"))
         ts, ti = torch.topk(s, min(k, s.shape[1]), dim=1)
-        ids = torch.where(torch.isfinite(ts), st._ids[rows[ti]], torch.full_like(ti, -1))
+        flat = rows.index_select(0, ti.reshape(-1))
+        ids = torch.where(torch.isfinite(ts), st._ids.index_select(0, flat).view(ti.shape), torch.full_like(ti, -1))
         return ts, ids
 
     def prepare_queries(self, queries: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -1073,28 +1126,13 @@ class FaissBackend(SearchBackend):
         ix = self._ix
         if ix is None or ix.gpu or self.store.dtype != torch.float32 or not self._use_index():
             return None
-        if isinstance(queries, torch.Tensor):
-            if queries.dtype != torch.float32 or queries.device.type != "cpu" or queries.requires_grad:
-                return None
-            a = queries.numpy()
-        elif isinstance(queries, np.ndarray) and queries.dtype == np.float32:
-            a = queries
-        else:
-            return None
-        if a.ndim == 1:
-            a = a[None, :]
-        if a.ndim != 2 or a.shape[1] != self.dim or a.shape[0] == 0:
-            return None
-        sq = np.einsum("ij,ij->i", a, a)  # [B] finite iff every value is finite (barring overflow)
-        if not (sq.min() > 1e-16 and sq.max() < np.inf):  # NaN fails both comparisons
-            return None
-        if self.metric == "cosine":
-            a = a * (1.0 / np.sqrt(sq))[:, None]
-        return torch.from_numpy(np.ascontiguousarray(a)), torch.from_numpy(sq)
+        return fast_prepare(queries, self.dim, self.metric)
 
     def begin_search(self, qp: torch.Tensor, qsq: torch.Tensor, k: int) -> _SearchPlan | None:
         self._maintain()
         ix = self._ix
+        if ix is None and k > 0:
+            return self._interim_search(qp, qsq, k)
         if ix is None or not self._use_index() or k == 0:
             return None
         fa = self._fa()
@@ -1122,11 +1160,31 @@ class FaissBackend(SearchBackend):
                 sel_bits, sel = ix.bitmap(fa)
                 keep = (sel_bits, sel)
             params = self._params(ix, sel)
-        buf = self._buffer_search(qp, k)
-        q32 = qp if qp.dtype == torch.float32 else qp.float()
-        xq = np.ascontiguousarray(q32.cpu().numpy()) if q32.device.type != "cpu" else q32.contiguous().numpy()
+        rerank = ix.kind == "sq8"
+        if rerank:
+            kf = min(live, max(k * self.opts.rerank, k + 16))
+        buf = self._buffer_search(qp, kf if rerank else k)
         ix.lock.acquire_read()
-        return _SearchPlan(self, ix, xq, qsq, k, kf, params, bits, buf, keep)
+        return _SearchPlan(self, ix, self._query_array(qp), qsq, kf if rerank else k, kf, params, bits, buf, keep,
+                           rerank=rerank)
+
+    @staticmethod
+    def _query_array(qp: torch.Tensor) -> np.ndarray:
+        q32 = qp if qp.dtype == torch.float32 else qp.float()
+        return np.ascontiguousarray(q32.cpu().numpy()) if q32.device.type != "cpu" else q32.contiguous().numpy()
+
+    def _interim_search(self, qp: torch.Tensor, qsq: torch.Tensor, k: int) -> _SearchPlan | None:
+        """A plan on the interim SQ8 index of the first build (candidates for an exact re-rank), or None."""
+        job = self._job
+        if job is None or job.op != "build" or job.stale or job.finished.is_set() or not self._use_index():
+            return None
+        iix = job.interim
+        if iix is None or iix.ntotal == 0:
+            return None
+        kf = min(iix.ntotal, max(k * self.opts.rerank, k + 16))
+        buf = self._buffer_search(qp, kf, start=job.n0) if self._n > job.n0 else None
+        iix.lock.acquire_read()
+        return _SearchPlan(self, iix, self._query_array(qp), qsq, kf, kf, None, None, buf, rerank=True)
 
     def _params(self, ix: _Index, sel: Any) -> Any:
         """Search parameters for a CPU index (efSearch / nprobe from the config, the dead-slot selector)."""
@@ -1142,7 +1200,7 @@ class FaissBackend(SearchBackend):
         elif ix.kind == "ivf":
             p = fa.SearchParametersIVF()
             p.nprobe = self._nprobe(ix.nlist)
-        else:
+        else:  # flat, sq8
             if sel is None:
                 return None
             p = fa.SearchParameters()
@@ -1171,7 +1229,7 @@ class FaissBackend(SearchBackend):
                 job.finished.wait()
                 self._reconcile(job)
         ix = self._ix
-        if ix is None:
+        if ix is None or ix.kind == "sq8":  # an SQ8 scan is rebuilt from the rows in moments: not saved
             return {}, {}
         fa = self._fa()
         n = self._n
@@ -1508,9 +1566,39 @@ class FaissBackend(SearchBackend):
             "index_dead": ix.ndead if ix is not None else 0,
             "buffered": self._buffer_count(),
             "job": None if self._job is None else f"{self._job.op}:{self._job.kind}",
+            "interim": self._job is not None and self._job.interim is not None and not self._job.stale,
             "failed": self._failed,
             **self.counters,
         }
+
+
+def fast_prepare(queries: Any, dim: int, metric: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Validate and prepare CPU float32 queries (tensor or array, ``[B, D]`` or ``[D]``) in numpy, or None when
+    they are anything else (including invalid: the store's torch path then raises its usual error).
+
+    Returns:
+        (prepared queries ``[B, D]`` float32, unit rows for cosine; squared norms ``[B]``).
+    """
+    # NOTE: the store's torch path (validation, norm, scaling) costs ~20 µs per call on a quiet CPU and far more
+    # on a busy one (each small torch op); this numpy path ~6 µs
+    if isinstance(queries, torch.Tensor):
+        if queries.dtype != torch.float32 or queries.device.type != "cpu" or queries.requires_grad:
+            return None
+        a = queries.numpy()
+    elif isinstance(queries, np.ndarray) and queries.dtype == np.float32:
+        a = queries
+    else:
+        return None
+    if a.ndim == 1:
+        a = a[None, :]
+    if a.ndim != 2 or a.shape[1] != dim or a.shape[0] == 0:
+        return None
+    sq = np.einsum("ij,ij->i", a, a)  # [B] finite iff every value is finite (barring overflow)
+    if not (sq.min() > 1e-16 and sq.max() < np.inf):  # NaN fails both comparisons
+        return None
+    if metric == "cosine":
+        a = a * (1.0 / np.sqrt(sq))[:, None]
+    return torch.from_numpy(np.ascontiguousarray(a)), torch.from_numpy(sq)
 
 
 def make_backend(store: PatternStore) -> SearchBackend:

@@ -1690,8 +1690,6 @@ def _exact_scale(w: WorldInfo, colmax: torch.Tensor, n_total: int) -> torch.Tens
     return torch.pow(2.0, bits - e)  # [D] float64
 
 
-#: k-means sums its clusters by a one-hot float64 GEMM up to this many clusters, by index_add_ beyond
-_KMEANS_GEMM_SUMS = 128
 #: k-means keeps the quantised rows (float64) for all its iterations up to this many values (128 MiB)
 _KMEANS_QUANT_CACHE = 1 << 24
 
@@ -1909,15 +1907,7 @@ def _kmeans_exact(
         sums = torch.zeros((k, d), dtype=torch.float64, device=dev)
         for r0 in range(0, n, batch_size):
             xq = Xq[r0 : r0 + batch_size] if Xq is not None else _quantize(X[r0 : r0 + batch_size], scale)
-            a = assign[r0 : r0 + batch_size]
-            if k <= _KMEANS_GEMM_SUMS:
-                # one-hot GEMM: products are 0 or an integer, partial sums integers below 2^52, so the
-                # float64 GEMM is exact in any order, as index_add_ is (and much faster for few clusters)
-                oh = torch.zeros((k, a.numel()), dtype=torch.float64, device=dev)
-                oh[a, torch.arange(a.numel(), device=dev)] = 1.0
-                sums.addmm_(oh, xq)
-            else:
-                sums.index_add_(0, a, xq)
+            sums.index_add_(0, assign[r0 : r0 + batch_size], xq)
         sums = _all_reduce(w, sums.cpu(), "sum", "k-means sums")
         C_new = (sums / scale.cpu() / counts.clamp(min=1).to(torch.float64)[:, None]).to(dtype).to(dev)
         empty = torch.nonzero(counts == 0).flatten()
@@ -1936,7 +1926,7 @@ def _kmeans_exact(
             break
 
     sizes = _all_reduce(w, torch.bincount(assign.cpu(), minlength=k), "sum", "k-means sizes")
-    d2 = torch.cat([_record_d2(X[r0 : r0 + batch_size], C[assign[r0 : r0 + batch_size]]) for r0 in range(0, n, batch_size)]) if n else torch.zeros(0, dtype=torch.float64)
+    d2 = torch.cat([_record_d2(X[r0 : r0 + batch_size], C.index_select(0, assign[r0 : r0 + batch_size])) for r0 in range(0, n, batch_size)]) if n else torch.zeros(0, dtype=torch.float64)
     d2 = d2[:, None]
     d2_scale = _exact_scale(w, d2.amax(dim=0).cpu() if n else torch.zeros(1), n_total).to(dev)
     inertia_q = _all_reduce(w, _qcolsum(d2, d2_scale, batch_size), "sum", "k-means inertia")
@@ -2005,7 +1995,7 @@ def _farthest_rows(w: WorldInfo, X: torch.Tensor, C: torch.Tensor, assign: torch
     """The ``m`` rows farthest from their centroid (squared distance of record; ties: lowest global index)."""
     n = X.shape[0]
     if n:
-        d2 = torch.cat([_record_d2(X[r0 : r0 + batch_size], C[assign[r0 : r0 + batch_size]]) for r0 in range(0, n, batch_size)])
+        d2 = torch.cat([_record_d2(X[r0 : r0 + batch_size], C.index_select(0, assign[r0 : r0 + batch_size])) for r0 in range(0, n, batch_size)])
         top = torch.sort(d2.cpu(), descending=True, stable=True).indices[:m]
         vals = d2.cpu()[top]
         rows = X[top.to(X.device)].cpu()

@@ -66,6 +66,9 @@ _DTYPES = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
     "float64": torch.float64,
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
 }
 _NEG_INF = float("-inf")
 _F32_MAX = torch.finfo(torch.float32).max
@@ -109,7 +112,7 @@ class PatternStoreConfig:
     storage_path: str | None = None
     #: where the columns live ("cpu", "cuda", "cuda:1", …)
     device: str = "cpu"
-    #: dtype of the embedding column ("float32", "float16", "bfloat16", "float64")
+    #: dtype of the embedding column ("float32", "float16", "bfloat16", "float64"; also "fp32", "fp16", "bf16")
     dtype: str = "float32"
     #: search backend: "auto" (exact on CUDA and for small stores, HNSW / IVF on CPU past measured sizes),
     #: "exact", "faiss-hnsw", "faiss-ivf" or "faiss-flat" (see rbank_torch.backends and docs/search.md)
@@ -266,6 +269,8 @@ class _Row:
 
 _US = timedelta(microseconds=1)
 
+#: the columns a search result reads when it is made (the rest of its pattern is built when read)
+_RESULT_COLUMNS = ("_conf", "_usage", "_success", "_avgq", "_created", "_last", "_cat", "_outcome")
 #: Pattern fields a search result builds only when first read (see :class:`_PatternView`)
 _LAZY_FIELDS = frozenset(
     ("embedding", "source_trajectories", "lessons", "example_actions", "created_at", "last_accessed", "metadata")
@@ -288,8 +293,8 @@ class _PatternView(Pattern):
         lz = d.get("_lz")
         if lz is None or name not in _LAZY_FIELDS:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        emb, created, last, side = lz
-        d["embedding"] = emb.clone()
+        emb, i, created, last, side = lz
+        d["embedding"] = emb[i].clone()
         d["source_trajectories"] = list(side[0] or ())
         d["lessons"] = list(side[1] or ())
         d["example_actions"] = list(side[2] or ())
@@ -486,6 +491,8 @@ class PatternStore:
         self._cat_codes: dict[str, int] = {n: i for i, n in enumerate(BUILTIN_CATEGORIES)}
         self._cat_names: list[str] = list(BUILTIN_CATEGORIES)
         self._cat_objs: dict[str, PatternCategory] = {}  # shared immutable category objects of results
+        #: numpy views of the CPU columns search results read (keyed by the _conf tensor they were made from)
+        self._np_cols: tuple[torch.Tensor, list[np.ndarray]] | None = None
         self._total_searches = 0
         self._search_time_ms = 0.0
         #: observer of mutations (the bank's journal): ``touched(ids)`` and ``op_done()``
@@ -668,7 +675,7 @@ class PatternStore:
         if not rows:
             return []
         idx = torch.as_tensor(list(rows), dtype=torch.int64, device=self.device)
-        emb = self._emb[idx].to(torch.float32)
+        emb = self._emb.index_select(0, idx).to(torch.float32)
         cols = {
             name: getattr(self, name)[idx].tolist()
             for name in ("_ids", "_conf", "_usage", "_success", "_avgq", "_created", "_last", "_cat")
@@ -1195,6 +1202,31 @@ class PatternStore:
         assert best_s is not None and best_r is not None
         return best_s, best_r
 
+    def _rerank(self, qp: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The best ``k`` of candidate ids ``[B, c]`` (−1: none) by their exact scores (the score space of
+        :meth:`_search_rows`): (scores ``[B, k']``, ids ``[B, k']``); candidates no longer stored drop out."""
+        B, c = ids.shape
+        if c == 0:
+            return torch.empty((B, 0), device=self.device), ids
+        scale, bias = self._scores_prep()
+        row_of = self._row_of
+        rows = torch.tensor([row_of.get(i, -1) for i in ids.reshape(-1).tolist()], dtype=torch.int64,
+                            device=self.device).view(B, c)
+        ok = rows >= 0
+        rr = rows.clamp(min=0)
+        rf = rr.reshape(-1)
+        e = self._emb.index_select(0, rf).view(B, c, -1)
+        dots = torch.bmm(e.float(), qp.float().unsqueeze(2)).squeeze(2)  # [B, c]
+        sc = (dots * scale.index_select(0, rf).view(B, c) + bias.index_select(0, rf).view(B, c))
+        sc.masked_fill_(~ok, _NEG_INF)
+        ts, j = torch.topk(sc, min(k, c), dim=1)
+        ti = torch.gather(ids.to(self.device), 1, j)
+        return ts, torch.where(torch.isfinite(ts), ti, torch.full_like(ti, -1))
+
+    def _ids_of_rows(self, s: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """Pattern ids ``[B, k]`` of exact-search rows ``r`` (−1 where the score ``s`` is −inf)."""
+        return _ids_missing_as_minus_one(_take(self._ids, r), s)
+
     def _prepare_queries(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cast/normalise queries ``[B, D]``; returns (prepared, squared norms)."""
         q = q.to(device=self.device, dtype=torch.float32)
@@ -1229,6 +1261,10 @@ class PatternStore:
         query (validated as such), None for a batch. ``k`` is capped at the live count for a single query."""
         # an approximate backend may validate and prepare plain CPU float32 queries itself (cheaper per call)
         pre = self._backend.prepare_queries(queries)
+        if pre is None and self.device.type == "cpu" and self.dtype == torch.float32:
+            from .backends import fast_prepare
+
+            pre = fast_prepare(queries, self.config.embedding_dim, self.config.distance_metric)
         if pre is None:
             if single is None:
                 pre_q = as_embedding_batch(queries, "queries", dim=self.config.embedding_dim)
@@ -1249,18 +1285,21 @@ class PatternStore:
             plan = self._backend.begin_search(qp, qsq, k)
             if plan is None:
                 s, r = self._search_rows(qp, k)
-                ids = torch.where(torch.isfinite(s), self._ids[r] if r.numel() else r, torch.full_like(r, -1))
+                ids = self._ids_of_rows(s, r)
         if plan is not None:
             # approximate backend: the index search runs outside the store lock (unless the caller holds it)
             s, ids = plan.run()
             with self._lock:
+                if plan.rerank:
+                    s, ids = self._rerank(qp, ids, k)
                 # an index may return fewer than min(k, live) (HNSW with dead slots, IVF probing few lists):
                 # then the exact search answers, so the count is always min(k, live)
                 need = min(k, len(self))
-                if s.shape[1] < need or bool(((ids >= 0).sum(dim=1) < need).any()):
+                # results are best first with the missing ones (−1) last: the need-th column tells
+                if s.shape[1] < need or (need > 0 and _any_missing(ids[:, need - 1])):
                     self._flush()
                     s, r = self._search_rows(qp, k)
-                    ids = torch.where(torch.isfinite(s), self._ids[r] if r.numel() else r, torch.full_like(r, -1))
+                    ids = self._ids_of_rows(s, r)
         s = self._finish_scores(s, qsq)
         B = qp.shape[0]
         if s.shape[1] < k_out:
@@ -1341,6 +1380,8 @@ class PatternStore:
         with self._lock:
             self._flush()
             if plan is not None:
+                if plan.rerank:  # approximate scores of candidates: exact ones, all candidates kept
+                    s_raw, ids_raw = self._rerank(qp, ids_raw, ids_raw.shape[1])
                 if mask is not None:  # rows may have moved while the index searched outside the lock
                     mask = self._mask(filters)  # type: ignore[arg-type]
                 got, sc = self._rows_of_ids(ids_raw, s_raw, qsq, mask, pool)
@@ -1490,7 +1531,14 @@ class PatternStore:
             row_of = self._row_of
             rows = [row_of[i] for i in ids_l if i >= 0]
             pats = self._result_patterns(rows, ids_l)
-        return [PatternSearchResult(p, s, r) for r, (p, s) in enumerate(zip(pats, sims_l))]
+        out: list[PatternSearchResult] = []
+        new = object.__new__
+        for r, (p, s) in enumerate(zip(pats, sims_l)):
+            # the dataclass's own __init__ + __post_init__, without their call overhead (score = similarity)
+            res = new(PatternSearchResult)
+            res.__dict__ = {"pattern": p, "similarity": s, "rank": r, "score": s}
+            out.append(res)
+        return out
 
     def _result_patterns(self, rows: list[int], ids: list[int]) -> list[Pattern]:
         """Patterns of search results at ``rows`` (ids ``ids``): :class:`_PatternView` copies, whose costly
@@ -1499,17 +1547,16 @@ class PatternStore:
             return []
         if self.device.type == "cpu":
             ri = np.asarray(rows, dtype=np.int64)
-            emb = self._emb[torch.from_numpy(ri)]
-            conf, usage, success, avgq, created, last, cat, outcome = (
-                getattr(self, c).numpy()[ri].tolist()
-                for c in ("_conf", "_usage", "_success", "_avgq", "_created", "_last", "_cat", "_outcome")
-            )
+            emb = self._emb.index_select(0, torch.from_numpy(ri))
+            cache = self._np_cols
+            if cache is None or cache[0] is not self._conf:  # the columns were reallocated
+                cache = self._np_cols = (self._conf, [getattr(self, c).numpy() for c in _RESULT_COLUMNS])
+            conf, usage, success, avgq, created, last, cat, outcome = (col[ri].tolist() for col in cache[1])
         else:
             idx = torch.tensor(rows, dtype=torch.int64, device=self.device)
-            emb = self._emb[idx]
+            emb = self._emb.index_select(0, idx)
             conf, usage, success, avgq, created, last, cat, outcome = (
-                getattr(self, c)[idx].tolist()
-                for c in ("_conf", "_usage", "_success", "_avgq", "_created", "_last", "_cat", "_outcome")
+                getattr(self, c).index_select(0, idx).tolist() for c in _RESULT_COLUMNS
             )
         if emb.dtype != torch.float32:
             emb = emb.to(torch.float32)
@@ -1524,12 +1571,12 @@ class PatternStore:
             if c is None:
                 c = cats[name] = PatternCategory(name)
             v = new(_PatternView)
-            v.__dict__ = {
+            object.__setattr__(v, "__dict__", {
                 "id": ids[i], "uuid": sd.uuid, "category": c, "confidence": conf[i], "usage_count": usage[i],
                 "success_count": success[i], "avg_quality": avgq[i], "text": sd.text, "outcome": OUTCOMES[outcome[i]],
-                "_lz": (emb[i], created[i], last[i],
+                "_lz": (emb, i, created[i], last[i],
                         (sd._sources, sd._lessons, sd._actions, sd._tags, sd.source, sd.version, sd._attributes)),
-            }
+            })
             out.append(v)
         return out
 
@@ -1718,6 +1765,28 @@ class PatternStore:
 
         tensors, meta = read_snapshot(path, "rbank_torch.store")
         return cls.from_state_tensors(tensors, meta, **overrides)
+
+
+def _ids_missing_as_minus_one(ids: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``ids`` with −1 where the score ``s`` is not finite (numpy on the CPU)."""
+    if s.device.type == "cpu":
+        return torch.from_numpy(np.where(np.isfinite(s.numpy()), ids.numpy(), -1))
+    return torch.where(torch.isfinite(s), ids, torch.full_like(ids, -1))
+
+
+def _any_missing(ids: torch.Tensor) -> bool:
+    """Whether any of the ids ``[B]`` is −1 (numpy on the CPU: a torch reduction costs more here)."""
+    if ids.device.type == "cpu":
+        return bool((ids.numpy() < 0).any())
+    return bool((ids < 0).any())
+
+
+def _take(col: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``col[rows]`` for an index tensor of any shape, through ``index_select`` (advanced indexing costs
+    hundreds of µs per call on some CPU builds, far more than the few values it gathers)."""
+    if rows.numel() == 0:
+        return rows
+    return col.index_select(0, rows.reshape(-1)).view(rows.shape)
 
 
 def _check_overrides(overrides: dict[str, Any]) -> None:

@@ -386,7 +386,7 @@ def test_config_validation() -> None:
         PatternStore(PatternStoreConfig(backend_options={"buffer_rows": 0}))
     with pytest.raises(ValueError, match="backend_options must be a dict"):
         PatternStore(PatternStoreConfig(backend_options=[1]))  # type: ignore[arg-type]
-    assert set(BACKENDS) == {"auto", "exact", "faiss-hnsw", "faiss-ivf", "faiss-flat"}
+    assert set(BACKENDS) == {"auto", "exact", "faiss-hnsw", "faiss-ivf", "faiss-flat", "faiss-sq8"}
 
 
 def test_missing_faiss_names_the_extra(monkeypatch, data, caplog) -> None:
