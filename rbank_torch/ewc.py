@@ -556,6 +556,7 @@ class EWCPlusPlus:
 
     def holds(self, module_or_params: nn.Module | Iterable[torch.Tensor]) -> bool:
         """Whether this object protects exactly these parameter objects (a module: its trainable ones)."""
+        params: list[torch.Tensor]
         if isinstance(module_or_params, nn.Module):
             params = [p for p in module_or_params.parameters() if p.requires_grad]
         else:
@@ -914,8 +915,8 @@ class EWCPlusPlus:
         self._num_tasks += 1
         self._consolidated = True
         if self.adapt_lambda:
-            scale = 1.0 + 0.1 * self.num_tasks
-            self._lambda = min(max(self._base_lambda * scale, self.min_lambda), self.max_lambda)
+            factor = 1.0 + 0.1 * self.num_tasks
+            self._lambda = min(max(self._base_lambda * factor, self.min_lambda), self.max_lambda)
         self.reset_boundary()
 
     def _merge_tasks(self) -> None:
