@@ -666,7 +666,7 @@ def _run_task(ewc: EWCPlusPlus, w: nn.Parameter, grad: list[float], steps: int) 
 @pytest.mark.parametrize("gamma", [1.0, 0.5])
 def test_online_f_star_accumulates_per_task_not_per_step(steps_b: int, gamma: float) -> None:
     w = nn.Parameter(torch.zeros(3, dtype=torch.float64))
-    ewc = EWCPlusPlus([("w", w)], lambda_=2.0, decay=0.99, task_decay=gamma)
+    ewc = EWCPlusPlus([("w", w)], lambda_=2.0, decay=0.99, task_decay=gamma, bias_correction=True)
     _run_task(ewc, w, [1.0, 0.0, 0.0], 5)  # F_A = g² after bias correction, whatever the length
     torch.testing.assert_close(ewc.fisher_star["w"], torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
     assert torch.equal(ewc.fisher["w"], torch.zeros(3, dtype=torch.float64))
