@@ -84,7 +84,7 @@ def accuracy(model: TwoHeads, ds: Rows) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lambdas", type=float, nargs="*", default=[1.0, 10.0])
+    ap.add_argument("--lambdas", type=float, nargs="*", default=[0.01, 0.03, 0.1, 0.3])
     ap.add_argument("--fisher-norm", default="mean", choices=("none", "mean", "max"))
     ap.add_argument("--epochs", type=float, default=2.0)
     ap.add_argument("--lr", type=float, default=3e-4)

@@ -666,7 +666,7 @@ def _run_task(ewc: EWCPlusPlus, w: nn.Parameter, grad: list[float], steps: int) 
 @pytest.mark.parametrize("gamma", [1.0, 0.5])
 def test_online_f_star_accumulates_per_task_not_per_step(steps_b: int, gamma: float) -> None:
     w = nn.Parameter(torch.zeros(3, dtype=torch.float64))
-    ewc = EWCPlusPlus([("w", w)], lambda_=2.0, decay=0.99, task_decay=gamma)
+    ewc = EWCPlusPlus([("w", w)], lambda_=2.0, decay=0.99, task_decay=gamma, bias_correction=True)
     _run_task(ewc, w, [1.0, 0.0, 0.0], 5)  # F_A = g² after bias correction, whatever the length
     torch.testing.assert_close(ewc.fisher_star["w"], torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
     assert torch.equal(ewc.fisher["w"], torch.zeros(3, dtype=torch.float64))
@@ -767,3 +767,34 @@ def test_format_1_state_loads_with_this_objects_accumulation_settings(tmp_path) 
     back.load(path)
     assert back.task_decay == ewc.task_decay and back.fisher_norm == ewc.fisher_norm
     _assert_same_state(ewc, back)
+
+
+def test_metrics_match_the_state() -> None:
+    w = nn.Parameter(torch.tensor([1.0, 2.0]))
+    b = nn.Parameter(torch.tensor([0.5]))
+    ewc = EWCPlusPlus([("w", w), ("b", b)], lambda_=4.0, decay=0.0)
+    w.grad, b.grad = torch.tensor([1.0, 3.0]), torch.tensor([2.0])
+    ewc.update_fisher()  # decay 0: F = g² = [1, 9], [4]
+    m = ewc.metrics()
+    assert m["fisher_mean"] == pytest.approx(14.0 / 3) and m["fisher_star_mean"] == 0.0 and m["penalty"] == 0.0
+    ewc.consolidate()
+    with torch.no_grad():
+        w.add_(1.0)
+    m = ewc.metrics()
+    assert m["fisher_mean"] == 0.0 and m["fisher_star_mean"] == pytest.approx(14.0 / 3)
+    assert m["penalty"] == pytest.approx(2.0 * (1.0 + 9.0)) and m["lambda"] == 4.0 and m["num_tasks"] == 1.0
+    assert set(ewc.metric_tensors()) == {"penalty", "fisher_mean", "fisher_star_mean", "lambda"}
+
+
+def test_rebound_carries_state_or_names_the_mismatch() -> None:
+    m, ewc = _trained_ewc()
+    twin = _mlp(seed=5)
+    assert ewc.holds(m) and not ewc.holds(twin)
+    moved = ewc.rebound(twin)
+    assert moved.holds(twin) and moved.decay == ewc.decay and moved.num_tasks == ewc.num_tasks
+    for k, v in ewc.fisher_star.items():
+        assert torch.equal(moved.fisher_star[k], v)
+    with pytest.raises(ValueError, match=r"other names: missing \['2.weight', '2.bias'\]"):
+        ewc.rebound(nn.Sequential(nn.Linear(6, 16)))
+    with pytest.raises(ValueError, match=r"'0.weight' has shape \(8, 6\)"):
+        ewc.rebound(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)))

@@ -149,7 +149,7 @@ class EWCPlusPlusTrainerCallback(TrainerCallback, ExportableState):
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.ewc is None or not args.should_save:
             return
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        folder = os.path.join(str(args.output_dir), f"checkpoint-{state.global_step}")
         if os.path.isdir(folder):
             self.ewc.save(os.path.join(folder, STATE_FILE))
 
@@ -161,7 +161,8 @@ class EWCPlusPlusTrainerCallback(TrainerCallback, ExportableState):
         """Load the state saved with the checkpoint this ``train()`` resumes from, if it is one."""
         if not self.restore_on_resume or state.global_step <= 0:
             return  # a fresh run starts at step 0
-        record = state.stateful_callbacks.get(type(self).__name__)
+        records: Any = state.stateful_callbacks  # a dict once the Trainer has built or loaded its state
+        record = records.get(type(self).__name__) if isinstance(records, dict) else None
         if isinstance(record, list):
             record = record[-1] if record else None
         if not isinstance(record, dict):
@@ -169,7 +170,7 @@ class EWCPlusPlusTrainerCallback(TrainerCallback, ExportableState):
         saved = record.get("attributes", {}).get("saved_step")
         if saved != state.global_step:
             return  # the record is this object's own, not one read from a checkpoint
-        path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
+        path = os.path.join(str(args.output_dir), f"checkpoint-{state.global_step}", STATE_FILE)
         if not os.path.isfile(path):
             raise FileNotFoundError(
                 f"resuming at step {state.global_step}: the checkpoint records EWC++ state but {path!r} is missing "

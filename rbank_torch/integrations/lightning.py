@@ -81,6 +81,8 @@ class EWCPlusPlusCallback(pl.Callback):
         self.decay = decay
         self.penalty_mode = penalty
         self.consolidate_on_fit_end = consolidate_on_fit_end
+        if "log_penalty" in ewc_kwargs:  # the earlier name of log_metrics
+            log_metrics = bool(ewc_kwargs.pop("log_penalty"))
         self.log_metrics = log_metrics
         self.ewc_kwargs = ewc_kwargs
         self.ewc: EWCPlusPlus | None = None
