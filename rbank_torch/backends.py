@@ -777,7 +777,7 @@ class FaissBackend(SearchBackend):
         n = self._live_count()
         if n < self.opts.hnsw_min_rows:
             return None
-        if not _faiss_present():
+        if self._faiss is None and not _faiss_present():
             if not self._warned_missing:
                 self._warned_missing = True
                 log.warning("pattern store past %d patterns uses exact search: install 'rbank-torch[faiss]' "
