@@ -139,6 +139,7 @@ def main() -> None:
     except ImportError:
         print("\n[text] not installed: search('text') not measured")
         return
+    hnsw.store.config.ef_search = args.ef_search[0]  # the first efSearch (default 100: the config's default)
     emb = TextEmbedder(device="cpu")
     hnsw._embedder = lambda texts: emb.encode(list(texts))  # the same bank, now speaking text
     texts = [f"the deploy of service {i} failed after a config change" for i in range(8)]
