@@ -1582,8 +1582,9 @@ def fast_prepare(queries: Any, dim: int, metric: str) -> tuple[torch.Tensor, tor
     # NOTE: the store's torch path (validation, norm, scaling) costs ~20 µs per call on a quiet CPU and far more
     # on a busy one (each small torch op); this numpy path ~6 µs
     if isinstance(queries, torch.Tensor):
-        if queries.dtype != torch.float32 or queries.device.type != "cpu" or queries.requires_grad:
-            return None
+        if (queries.dtype != torch.float32 or queries.device.type != "cpu" or queries.requires_grad
+                or queries.layout != torch.strided):
+            return None  # sparse and other layouts: the store's checks name the problem
         a = queries.numpy()
     elif isinstance(queries, np.ndarray) and queries.dtype == np.float32:
         a = queries

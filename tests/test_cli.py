@@ -384,7 +384,7 @@ def test_streaming_distill_equals_in_memory_distiller(tmp_path, log, capsys):
     doc = run_json(capsys, "distill", log, "--out", d, "--chunk-size", "37", "--max-lessons", "40")
     lessons, lemb, comp, cemb, summary = _read_distilled(d)
 
-    ref = MemoryDistiller(DistillationConfig(max_lessons=40)).extract_key_lessons(read_log(log))
+    ref = MemoryDistiller(DistillationConfig(max_lessons=40, readable_lessons=True)).extract_key_lessons(read_log(log))
     assert doc["trajectories_processed"] == summary["trajectories_processed"] == ref.trajectories_processed == 300
     assert lessons == [lesson_to_json(le) for le in ref.key_lessons]
     assert torch.equal(lemb, torch.stack([le.embedding for le in ref.key_lessons]).float())
