@@ -97,17 +97,20 @@ def run(n: int = 3000, seed: int = 0, out: str | None = None, quiet: bool = Fals
     answers = {}
     qe = embedder.encode(QUESTIONS)  # [Q, D]: the snapshot check below compares batched answers
     for q in QUESTIONS:
-        res = bank.search(q, k=3, dedup="text")  # text in; one memory per distinct task text
+        # text in; what worked (one memory per distinct task text), then the closest run that failed
+        res = bank.search(q, k=3, outcome="success", dedup="text")
         answers[q] = res
         say(f"\n? {q}")
         for r in res:
             p = r.pattern
-            mark = " (failed: avoid)" if p.outcome == "failure" else ""
             lesson = p.lessons[0] if p.lessons else "-"
             say(
-                f"  {r.rank + 1}. sim {r.similarity:.3f} [{p.category}] \"{p.text}\"{mark} "
+                f"  {r.rank + 1}. sim {r.similarity:.3f} [{p.category}] \"{p.text}\" "
                 f"quality {p.avg_quality:.2f}; steps: {' -> '.join(p.example_actions[:3])}; lesson: {lesson}"
             )
+        for r in bank.search(q, k=1, outcome="failure"):
+            avoid = next((x for x in r.pattern.lessons if x.startswith(("Avoid", "Root cause"))), "-")
+            say(f"  failed before: \"{r.pattern.text}\" (sim {r.similarity:.3f}): {avoid}")
     timings["search"] = time.perf_counter() - t0
 
     failure = next(t for t in trajectories if t.is_failure and t.steps)
