@@ -140,6 +140,14 @@ def main() -> None:
         print("\n[text] not installed: search('text') not measured")
         return
     hnsw.store.config.ef_search = args.ef_search[0]  # the first efSearch (default 100: the config's default)
+    wide = {"where": {"team": "red"}}
+    r = round_robin({
+        "hnsw": lambda: hnsw.search(q(), k=10),
+        "hnsw 50 %": lambda: hnsw.search(q(), k=10, **wide),
+        "exact 50 %": lambda: exact.search(q(), k=10, **wide),
+    }, args.reps)
+    print(f"  single queries at efSearch {args.ef_search[0]}, median ms: HNSW {r['hnsw']:.3f}, HNSW filtered 50 % "
+          f"{r['hnsw 50 %']:.3f}, exact filtered 50 % {r['exact 50 %']:.3f}")
     emb = TextEmbedder(device="cpu")
     hnsw._embedder = lambda texts: emb.encode(list(texts))  # the same bank, now speaking text
     texts = [f"the deploy of service {i} failed after a config change" for i in range(8)]

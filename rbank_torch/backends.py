@@ -275,8 +275,9 @@ class SearchBackend:
         """
         return None
 
-    def begin_search(self, qp: torch.Tensor, qsq: torch.Tensor, k: int) -> _SearchPlan | None:
-        """Start a search of prepared queries ``qp`` ``[B, D]`` (squared norms ``qsq`` ``[B]``)."""
+    def begin_search(self, qp: torch.Tensor, qsq: torch.Tensor, k: int, ef_scale: float = 1.0) -> _SearchPlan | None:
+        """Start a search of prepared queries ``qp`` ``[B, D]`` (squared norms ``qsq`` ``[B]``); ``ef_scale``
+        widens an HNSW walk (a filtered search over-fetches and needs the wider walk to keep its recall)."""
         return None
 
     def wait(self, absorb: bool = True, timeout: float | None = None) -> None:
@@ -1128,7 +1129,7 @@ class FaissBackend(SearchBackend):
             return None
         return fast_prepare(queries, self.dim, self.metric)
 
-    def begin_search(self, qp: torch.Tensor, qsq: torch.Tensor, k: int) -> _SearchPlan | None:
+    def begin_search(self, qp: torch.Tensor, qsq: torch.Tensor, k: int, ef_scale: float = 1.0) -> _SearchPlan | None:
         self._maintain()
         ix = self._ix
         if ix is None and k > 0:
@@ -1159,7 +1160,7 @@ class FaissBackend(SearchBackend):
             if filtered:
                 sel_bits, sel = ix.bitmap(fa)
                 keep = (sel_bits, sel)
-            params = self._params(ix, sel)
+            params = self._params(ix, sel, ef_scale)
         rerank = ix.kind == "sq8"
         if rerank:
             kf = min(live, max(k * self.opts.rerank, k + 16))
@@ -1186,12 +1187,13 @@ class FaissBackend(SearchBackend):
         iix.lock.acquire_read()
         return _SearchPlan(self, iix, self._query_array(qp), qsq, kf, kf, None, None, buf, rerank=True)
 
-    def _params(self, ix: _Index, sel: Any) -> Any:
-        """Search parameters for a CPU index (efSearch / nprobe from the config, the dead-slot selector)."""
+    def _params(self, ix: _Index, sel: Any, ef_scale: float = 1.0) -> Any:
+        """Search parameters for a CPU index (efSearch × ``ef_scale`` / nprobe from the config, the dead-slot
+        selector)."""
         fa = self._fa()
         cached = ix.params_cache
         # keyed by the selector and efSearch: a changed config.ef_search takes effect at the next search
-        ef = self.store.config.ef_search
+        ef = max(1, int(round(self.store.config.ef_search * max(1.0, ef_scale))))
         if cached is not None and cached[0] is sel and cached[2] == ef:
             return cached[1]
         if ix.kind == "hnsw":
