@@ -1160,11 +1160,7 @@ def _known_dim(embedder: Any) -> int | None:
             if isinstance(d, int) and d > 0:
                 return d
     for name in ("dim", "embedding_dim", "dimension"):
-        d = getattr(type(embedder), name, None)
-        if isinstance(d, property):
-            d = getattr(embedder, name, None)
-        elif d is None:
-            d = getattr(embedder, name, None)
+        d = getattr(embedder, name, None)
         if isinstance(d, int) and not isinstance(d, bool) and d > 0:
             return d
     return None

@@ -35,6 +35,9 @@ TAG_RULES: tuple[tuple[tuple[str, ...], str], ...] = (
 )
 
 
+_CONVERSATIONAL = next(keywords for keywords, name in TAG_RULES if name == "conversational")
+
+
 def _match(rules: tuple[tuple[tuple[str, ...], str], ...], texts: Iterable[str]) -> str | None:
     low = [t.lower() for t in texts if t]
     for keywords, name in rules:
@@ -86,14 +89,15 @@ def text_category(text: str | None, tags: Iterable[str] = (), request_type: str 
         found = _match(REQUEST_TYPE_RULES, (request_type,))
         if found is not None:
             return found
-    words = (text or "").lower().split()
     # whole words of free text, so that "decode" or "rewrite" in a sentence does not decide the category
+    words = {w.strip(".,;:!?()'\"") for w in (text or "").lower().split()}
     for keywords, name in REQUEST_TYPE_RULES:
-        if any(w.strip(".,;:!?()'\"") in keywords for w in words):
+        if words.intersection(keywords):
             return name
     found = _match(TAG_RULES, [*tags, request_type or ""])
     if found is not None:
         return found
-    if any(w.strip(".,;:!?()'\"") in ("chat", "conversation") for w in words):
+    # of the tag rules, only the conversational one reads free text ("logic" in a sentence says little)
+    if words.intersection(_CONVERSATIONAL):
         return "conversational"
     return "general"

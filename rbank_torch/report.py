@@ -424,7 +424,7 @@ def build_report(
         figs["neighbourhood"], drawn = _fig_neighbourhood(unit, codes, names, ids, top_rows, nb_rows, nb_sims,
                                                           colours, int(max_points))
         top_ids = [int(ids[r]) for r in top_rows.tolist()]
-        top_pats = store.get_patterns(top_ids) if hasattr(store, "get_patterns") else [store.get_pattern(i) for i in top_ids]
+        top_pats = store.get_patterns(top_ids)
         labels = [pattern_label(i, p, top_ids[i]) for i, p in enumerate(top_pats)]
         figs["similarity"] = _fig_similarity(unit[top_rows], labels)
         tick()

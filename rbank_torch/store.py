@@ -748,11 +748,10 @@ class PatternStore:
     def merge_groups(self, rows: torch.Tensor, by_category: bool) -> torch.Tensor | None:
         """Group code ``[r]`` int64 of ``rows`` that consolidation merges within: patterns of different outcomes
         (SPEC §7) — and, with ``by_category``, of different categories — never merge. None: one group."""
-        n_out = len(OUTCOMES)
         out = self._outcome[rows].to(torch.int64)
-        mixed = out.numel() > 0 and bool((out != out[0]).any())
         if by_category:
-            return self._cat[rows].to(torch.int64) * n_out + out
+            return self._cat[rows].to(torch.int64) * len(OUTCOMES) + out
+        mixed = out.numel() > 0 and bool((out != out[0]).any())
         return out if mixed else None
 
     def filter_mask(
@@ -1419,7 +1418,7 @@ class PatternStore:
             ids = torch.where(found, self._ids[safe_rows], torch.full_like(rows, -1))
             sc = sc.masked_fill(~found, _NEG_INF)
             # by similarity alone the score is the similarity; otherwise it is recomputed for the results
-            sims = sc if scoring is None else self._similarities(qp, qsq, safe_rows).masked_fill(~found, _NEG_INF)
+            sims = sc if scoring is None else self._similarities(qp, safe_rows).masked_fill(~found, _NEG_INF)
             if sc.shape[1] < k:
                 pad = k - sc.shape[1]
                 sc = torch.cat([sc, torch.full((B, pad), _NEG_INF, device=self.device)], dim=1)
@@ -1511,20 +1510,14 @@ class PatternStore:
                 out_s[b, :got] = sc[b, idx]
         return out_s, out_r, full
 
-    def _similarities(self, qp: torch.Tensor, qsq: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Similarity ``[B, p]`` of each query with its rows (cosine, dot, or 1/(1+distance))."""
+    def _similarities(self, qp: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Similarity ``[B, p]`` of each prepared query with its rows: the per-row scale of
+        :meth:`_scores_prep` times the dot product (cosine or dot; a scored search refuses euclidean)."""
         if rows.numel() == 0:
             return torch.empty(rows.shape, device=self.device)
+        scale, _ = self._scores_prep()
         e = self._emb[rows].float()  # [B, p, D]
-        dots = torch.bmm(e, qp.float().unsqueeze(2)).squeeze(2)  # [B, p]
-        metric = self.config.distance_metric
-        norm = self._norm[rows]
-        if metric == "cosine":
-            return torch.where(norm > 1e-8, dots / norm.clamp(min=1e-30), torch.zeros_like(dots))
-        if metric == "dot":
-            return dots
-        d2 = (qsq[:, None] - 2.0 * dots + norm * norm).clamp(min=0)
-        return 1.0 / (1.0 + d2.sqrt())
+        return torch.bmm(e, qp.float().unsqueeze(2)).squeeze(2) * scale[rows]
 
     def search_similar(self, query: Any, k: int) -> list[PatternSearchResult]:
         """The ``min(k, len)`` live patterns most similar to ``query`` ``[D]``, best first (rank 0-based)."""

@@ -473,3 +473,15 @@ def test_a_changed_ef_search_takes_effect_at_the_next_search():
     b.store.config.ef_search = 321
     b.search_similar_batch(q, 10)
     assert ix.params_cache[1].efSearch == 321
+
+
+def test_text_category_reads_whole_words():
+    from rbank_torch.categories import text_category
+
+    assert text_category("Write code for the parser.") == "code_generation"
+    assert text_category("analyze the quarterly numbers") == "research"
+    assert text_category("decode the message, then rewrite it") == "general"  # words, not substrings
+    assert text_category("let's chat about the plan") == "conversational"
+    assert text_category("the logic is odd") == "general"  # reasoning comes from tags, not free text
+    assert text_category("the logic is odd", tags=["logic"]) == "reasoning"
+    assert text_category("anything", request_type="coding") == "code_generation"
