@@ -779,13 +779,12 @@ class ReasoningBank:
         with self._lock:
             sc, sims, ids = self._store.search_memory(q[None, :], k, filters=spec, scoring=scoring, mmr=mmr,
                                                       dedup=dedup)
-            ids_l = [i for i in ids[0].tolist() if i >= 0]
-            if touch and ids_l:
-                with self._op("touch"):
-                    self._store.touch(ids_l)
-            pats = self._store.get_patterns(ids_l)
-        sc_l, sims_l = sc[0].tolist(), sims[0].tolist()
-        return [PatternSearchResult(p, sims_l[r], r, sc_l[r]) for r, p in enumerate(pats)]
+            if touch:
+                ids_l = [i for i in ids[0].tolist() if i >= 0]
+                if ids_l:
+                    with self._op("touch"):
+                        self._store.touch(ids_l)
+            return self._store.memory_results(sc[0], sims[0], ids[0])
 
     def search_batch(self, queries: Any, k: int = 5, **options: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Batched :meth:`search`: ``queries`` (a list of texts, or embeddings ``[B, D]``), the same keyword

@@ -669,7 +669,6 @@ def _filtered_search(store: Any, qv: Any, args: argparse.Namespace) -> list[Any]
     """``search_similar``, or the filtered search of the agent-memory API when a filter is given."""
     import torch
 
-    from .patterns import PatternSearchResult
     from .retrieval import FilterSpec
 
     where: dict[str, Any] = {}
@@ -692,10 +691,7 @@ def _filtered_search(store: Any, qv: Any, args: argparse.Namespace) -> list[Any]
     if spec.empty:
         return store.search_similar(qv, args.k)
     sc, sims, ids = store.search_memory(torch.as_tensor(qv, dtype=torch.float32)[None, :], args.k, filters=spec)
-    ids_l = [i for i in ids[0].tolist() if i >= 0]
-    pats = store.get_patterns(ids_l)
-    sims_l = sims[0].tolist()
-    return [PatternSearchResult(p, sims_l[r], r) for r, p in enumerate(pats)]
+    return store.memory_results(sc[0], sims[0], ids[0])
 
 
 # ---------------------------------------------------------------------------------------------------------

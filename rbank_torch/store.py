@@ -1428,6 +1428,14 @@ class PatternStore:
             self._search_time_ms += (time.perf_counter() - t0) * 1000.0
         return sc, sims, ids
 
+    def memory_results(self, scores: torch.Tensor, sims: torch.Tensor, ids: torch.Tensor) -> list[PatternSearchResult]:
+        """One query's row of :meth:`search_memory` (scores, similarities, ids ``[k]``) as search results,
+        best first; empty slots (id −1) are left out and ids no longer stored are skipped."""
+        found = [(i, s, c) for i, s, c in zip(ids.tolist(), sims.tolist(), scores.tolist()) if i >= 0]
+        pats = self.get_patterns([i for i, _, _ in found])
+        by_id = {i: (s, c) for i, s, c in found}
+        return [PatternSearchResult(p, by_id[p.id][0], r, by_id[p.id][1]) for r, p in enumerate(pats)]
+
     def _candidates(self, qp: torch.Tensor, qsq: torch.Tensor, pool: int, mask: torch.Tensor | None,
                     scoring: RetrievalScoring | None, matching: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact top-``pool`` rows by score among the rows ``mask`` keeps: (scores ``[B, p]``, rows ``[B, p]``
